@@ -1,0 +1,124 @@
+"""`capstf` command line: each command parses its flags and calls one function."""
+import functools
+import json
+import os
+import sys
+
+import click
+
+from capstf.errors import CapstfError
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the terminal
+DATASETS = ["mnist", "multimnist", "expanded-mnist", "affnist"]
+TRAINABLE = ["mnist", "multimnist", "expanded-mnist"]
+
+
+def clear_errors(command):
+    """Turns expected failures into one clear line on stderr and a non-zero exit."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except CapstfError as e:
+            click.echo(f"capstf: error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("capstf: interrupted; checkpoints written so far are kept.", err=True)
+            sys.exit(130)
+    return run
+
+
+def data_dir_option(f):
+    return click.option("--data-dir", default=None, metavar="DIR|sample",
+                        help="Folder of MNIST IDX files, or 'sample' for the bundled digits "
+                             "(default: full MNIST through TFDS, or the model's own data dir).")(f)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """capstf: CapsNets (Sabour et al. 2017) on TensorFlow 2: train, evaluate, export, serve."""
+
+
+@main.command()
+@click.option("--dataset", type=click.Choice(TRAINABLE), required=True, help="The experiment; picks its recipe.")
+@click.option("--recipe", default=None, help="Recipe name in pipelines/ or a .toml path (default: the data set's).")
+@data_dir_option
+@click.option("--model-dir", default=None, help="Checkpoints, TensorBoard logs, config (default runs/<dataset>).")
+@click.option("--epochs", type=float, help="Passes over the training digits.")
+@click.option("--steps", type=int, help="Optimizer steps (overrides --epochs).")
+@click.option("--batch-size", type=int, help="Global batch size, over all replicas.")
+@click.option("--learning-rate", type=float)
+@click.option("--routing-iters", type=int)
+@click.option("--seed", type=int)
+@click.option("--jit", type=click.Choice(["auto", "routing", "step", "off"]), help="What XLA compiles.")
+@click.option("--precision", type=click.Choice(["auto", "float32", "mixed_bfloat16", "mixed_float16"]))
+@click.option("--distribute", type=click.Choice(["auto", "mirrored", "multi-worker", "one-device"]))
+@click.option("--checkpoint-every", type=int, help="Steps between checkpoints.")
+@click.option("--eval-examples", type=int, help="Test examples scored after each epoch (0: none).")
+@click.option("--no-decoder", is_flag=True, help="Train without the reconstruction decoder.")
+@click.option("--runlocal", is_flag=True, help="Apply the recipe's [runlocal] settings: a quick small run.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any setting, e.g. --set train.decay_rate=0.9.")
+@click.option("--cpu-devices", type=int, default=0, help="Split the CPU into N logical devices (for --distribute mirrored tests).")
+@clear_errors
+def train(dataset, recipe, data_dir, model_dir, runlocal, settings, cpu_devices, no_decoder, **flags):
+    """Train a model (resumes from the newest checkpoint in --model-dir)."""
+    from capstf import config as config_lib
+    overrides = {f"train.{k}": v for k, v in flags.items()
+                 if v is not None and k not in ("routing_iters",)}
+    if flags["routing_iters"] is not None:
+        overrides["model.routing_iters"] = flags["routing_iters"]
+    if flags["steps"] is None and flags["epochs"] is not None:
+        overrides["train.steps"] = 0
+    if data_dir is not None:
+        overrides["data.data_dir"] = data_dir
+    if no_decoder:
+        overrides["model.decoder"] = False
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CapstfError(f"--set {item!r}: expected KEY=VALUE.")
+        overrides[key] = value
+    cfg = config_lib.resolve(recipe or dataset, overrides, runlocal=runlocal)
+    if cfg.data.dataset != dataset:
+        raise CapstfError(f"Recipe {cfg.recipe} is for {cfg.data.dataset}, not --dataset {dataset}.")
+    if cpu_devices:
+        from capstf.train import split_cpu
+        split_cpu(cpu_devices)
+    from capstf.train import train as run_training
+    model_dir = model_dir or os.path.join("runs", dataset)
+    click.echo(json.dumps(cfg.to_dict(), indent=None))
+    result = run_training(cfg, model_dir)
+    click.echo(json.dumps(result))
+
+
+@main.command()
+@click.option("--model-dir", required=True, help="A folder written by `capstf train`.")
+@click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Default: the one trained on.")
+@data_dir_option
+@click.option("--split", type=click.Choice(["train", "test"]), default="test")
+@click.option("--limit", type=int, default=0, help="Score at most N examples (0: all).")
+@click.option("--partners", type=int, default=None, help="MultiMNIST partners per test digit.")
+@clear_errors
+def evaluate(model_dir, dataset, data_dir, split, limit, partners):
+    """Print (and save in the model dir) the paper's metrics as JSON."""
+    from capstf.evaluate import evaluate as run_evaluation
+    click.echo(json.dumps(run_evaluation(model_dir, dataset, data_dir, split, limit, partners), indent=2))
+
+
+@main.command()
+@click.option("--dataset", type=click.Choice(DATASETS), required=True)
+@data_dir_option
+@click.option("--split", type=click.Choice(["train", "test"]), default="train")
+@click.option("--count", type=int, default=64, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .npz file.")
+@click.option("--png", type=click.Path(dir_okay=False), help="Also write a contact sheet.")
+@clear_errors
+def data(dataset, data_dir, split, count, seed, out, png):
+    """Write generated examples of a data set to .npz (and a PNG contact sheet)."""
+    from capstf.data.inspect import write_examples
+    click.echo(json.dumps(write_examples(dataset, data_dir or "", split, count, seed, out, png)))
+
+
+if __name__ == "__main__":
+    main()

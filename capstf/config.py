@@ -1,0 +1,197 @@
+"""Experiment configuration: a recipe from `pipelines/`, plus overrides, saved in the model dir.
+
+A recipe is a TOML file with [data], [model] and [train] tables (fields below), a [paper]
+table (the paper's reported result, for reference) and a [runlocal] table of dotted-key
+overrides that shrink the same experiment for a quick local run.
+"""
+import dataclasses
+import json
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+from capstf.data.datasets import SPECS, spec
+from capstf.errors import CapstfError
+
+
+@dataclasses.dataclass
+class DataConfig:
+    dataset: str = "mnist"           # mnist | multimnist | expanded-mnist | affnist
+    data_dir: str = ""               # "" = TFDS; "sample" = bundled digits; or an IDX folder
+    max_shift: int = 2               # training shift per axis, in pixels
+    partners_per_digit: int = 1000   # MultiMNIST test set size = test digits x this
+    max_rotation_deg: float = 20.0   # affNIST-style test transforms
+    max_shear: float = 0.2
+    min_scale: float = 0.8
+    max_scale: float = 1.2
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    kind: str = "capsnet"            # capsnet | baseline (the paper's CNN)
+    input_size: int = 28             # set from the data set's canvas
+    channels: int = 1
+    num_classes: int = 10
+    digits_per_image: int = 1        # set from the data set (MultiMNIST: 2)
+    conv1_filters: int = 256
+    primary_caps_types: int = 32
+    primary_caps_dim: int = 8
+    digit_caps_dim: int = 16
+    routing_iters: int = 3
+    decoder: bool = True
+    reconstruction_weight: float = 0.0005
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    batch_size: int = 128            # global, over all replicas
+    epochs: float = 10.0
+    steps: int = 0                   # if > 0, overrides epochs
+    learning_rate: float = 1e-3
+    decay_rate: float = 0.96         # exponential decay: lr * decay_rate ** (step / decay_steps)
+    decay_steps: int = 2000
+    seed: int = 0
+    jit: str = "auto"                # routing | step | off | auto (fastest measured per device)
+    precision: str = "auto"          # float32 | mixed_bfloat16 | mixed_float16 | auto
+    distribute: str = "auto"         # auto | mirrored | multi-worker | one-device
+    checkpoint_every: int = 500      # steps
+    keep_checkpoints: int = 3
+    log_every: int = 50              # steps between TensorBoard scalars
+    eval_examples: int = 0           # test examples scored after each epoch (0: none)
+
+
+@dataclasses.dataclass
+class Config:
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    paper: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    recipe: str = ""
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> "Config":
+        return cls(data=_build(DataConfig, d.get("data", {}), "data"),
+                   model=_build(ModelConfig, d.get("model", {}), "model"),
+                   train=_build(TrainConfig, d.get("train", {}), "train"),
+                   paper=dict(d.get("paper", {})), recipe=d.get("recipe", ""))
+
+
+def _build(cls, values: Mapping, section: str):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise CapstfError(f"Unknown setting(s) {', '.join(f'{section}.{k}' for k in sorted(unknown))}; "
+                          f"[{section}] accepts: {', '.join(sorted(names))}.")
+    return cls(**values)
+
+
+def recipe_names():
+    return sorted(p.name[:-5] for p in resources.files("capstf.pipelines").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def load_recipe(name_or_path: str) -> dict:
+    """A recipe by name (a file in pipelines/, found also when pip-installed) or by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" and path.is_file():
+        text = path.read_text()
+    else:
+        candidate = resources.files("capstf.pipelines") / f"{name_or_path}.toml"
+        if not candidate.is_file():
+            raise CapstfError(f"No recipe {name_or_path!r}; known recipes: {', '.join(recipe_names())}.")
+        text = candidate.read_text()
+    try:
+        recipe = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise CapstfError(f"Recipe {name_or_path}: {e}") from None
+    recipe["recipe"] = name_or_path
+    return recipe
+
+
+def resolve(recipe: str, overrides: Optional[Mapping[str, Any]] = None, runlocal: bool = False) -> Config:
+    """Recipe -> Config: apply [runlocal] if asked, then overrides ({"train.steps": 5, ...})."""
+    raw = load_recipe(recipe)
+    local = raw.pop("runlocal", {})
+    for key, value in list((local if runlocal else {}).items()) + list((overrides or {}).items()):
+        _set(raw, key, value)
+    cfg = Config.from_dict(raw)
+    validate(cfg)
+    return cfg
+
+
+def _set(raw: dict, dotted: str, value):
+    section, _, name = dotted.partition(".")
+    cls = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}.get(section)
+    field = {f.name: f for f in dataclasses.fields(cls)}.get(name) if cls else None
+    if field is None:
+        raise CapstfError(f"Unknown setting {dotted!r} (settings look like train.steps or model.routing_iters).")
+    if isinstance(value, str) and field.type is not str:
+        value = _parse(dotted, value, field.type)
+    raw.setdefault(section, {})[name] = value
+
+
+def _parse(key, text, kind):
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        return kind(text)
+    except ValueError:
+        raise CapstfError(f"{key}={text!r}: expected a {kind.__name__}.") from None
+
+
+CHOICES = {"train.jit": ("auto", "routing", "step", "off"),
+           "train.precision": ("auto", "float32", "mixed_bfloat16", "mixed_float16"),
+           "train.distribute": ("auto", "mirrored", "multi-worker", "one-device"),
+           "model.kind": ("capsnet", "baseline"),
+           "data.dataset": tuple(SPECS)}
+
+
+def validate(cfg: Config):
+    """Checks ranges and fills the model's input settings from the data set."""
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise CapstfError(f"{key}={value!r}: choose one of {', '.join(allowed)}.")
+    positive = {"train.batch_size": cfg.train.batch_size, "model.routing_iters": cfg.model.routing_iters,
+                "train.checkpoint_every": cfg.train.checkpoint_every,
+                "data.partners_per_digit": cfg.data.partners_per_digit,
+                "train.decay_steps": cfg.train.decay_steps, "train.log_every": cfg.train.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise CapstfError(f"{key} must be at least 1, got {value}.")
+    if cfg.train.steps < 0 or cfg.train.epochs < 0 or (cfg.train.steps == 0 and cfg.train.epochs == 0):
+        raise CapstfError("Train for a positive number of --steps or --epochs.")
+    if not 0 < cfg.train.learning_rate < 1:
+        raise CapstfError(f"train.learning_rate must be in (0, 1), got {cfg.train.learning_rate}.")
+    data_spec = spec(cfg.data.dataset)
+    cfg.model.input_size = data_spec.canvas
+    cfg.model.digits_per_image = data_spec.digits_per_image
+
+
+def save(cfg: Config, model_dir: Path):
+    (model_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+
+def load_saved(model_dir: Path) -> Config:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise CapstfError(f"{model_dir} holds no trained model (no config.json); run `capstf train` first.")
+    return Config.from_dict(json.loads(path.read_text()))
+
+
+def check_compatible(saved: Config, new: Config, model_dir):
+    """A model dir must not silently mix two experiments: the model and data set must match."""
+    if saved.model != new.model or saved.data.dataset != new.data.dataset:
+        a, b = dataclasses.asdict(saved.model), dataclasses.asdict(new.model)
+        diff = [f"model.{k}: {a[k]} -> {b[k]}" for k in a if a[k] != b[k]]
+        if saved.data.dataset != new.data.dataset:
+            diff.append(f"data.dataset: {saved.data.dataset} -> {new.data.dataset}")
+        raise CapstfError(f"{model_dir} holds a model trained with a different configuration "
+                          f"({'; '.join(diff)}). Use another --model-dir, or the same settings.")

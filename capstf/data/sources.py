@@ -1,0 +1,97 @@
+"""Where digits come from: TFDS, a folder of MNIST IDX files, or the bundled sample.
+
+Every source returns the same thing, `Digits(images uint8 [n, 28, 28], labels int32 [n])`, so
+the data sets in `datasets.py` never care where the digits came from.
+"""
+import gzip
+import os
+import socket
+import struct
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from capstf.errors import CapstfError
+
+SAMPLE_DIR = Path(__file__).parent / "sample"
+IDX_FILES = {  # split -> (images, labels), as MNIST names them
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049
+OFFLINE_HINT = ("Use `--data-dir sample` for the bundled 5,000+5,000 real MNIST digits, or "
+                "`--data-dir DIR` for a folder with the four MNIST IDX files.")
+
+
+class Digits(NamedTuple):
+    images: np.ndarray  # [n, 28, 28] uint8
+    labels: np.ndarray  # [n] int32
+
+
+def load_digits(data_dir: str, split: str) -> Digits:
+    """Loads one split. `data_dir`: "" or "tfds" for TFDS, "sample", or a folder of IDX files."""
+    if split not in IDX_FILES:
+        raise CapstfError(f"Unknown split {split!r}; use one of {sorted(IDX_FILES)}.")
+    if data_dir in ("", "tfds"):
+        return _load_tfds(split)
+    folder = SAMPLE_DIR if data_dir == "sample" else Path(data_dir)
+    if not folder.is_dir():
+        raise CapstfError(f"Data dir {str(folder)!r} does not exist. {OFFLINE_HINT}")
+    images_name, labels_name = IDX_FILES[split]
+    images = read_idx(_find(folder, images_name), IMAGES_MAGIC)
+    labels = read_idx(_find(folder, labels_name), LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise CapstfError(f"{folder}: {len(images)} images but {len(labels)} labels in the "
+                          f"{split} split; the two files must belong together.")
+    if labels.max(initial=0) > 9:
+        raise CapstfError(f"{folder}/{labels_name}: labels must be digits 0..9, found {labels.max()}.")
+    return Digits(images, labels.astype(np.int32))
+
+
+def _find(folder: Path, name: str) -> Path:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    raise CapstfError(f"{folder} has no {name} (or {name}.gz). {OFFLINE_HINT}")
+
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """Reads an IDX file (raw or gzipped), checking magic number, header and size."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise CapstfError(f"{path}: cannot read ({e}); the file is corrupt or truncated.") from None
+    ndim = {IMAGES_MAGIC: 3, LABELS_MAGIC: 1}[magic]
+    header = 4 + 4 * ndim
+    if len(raw) < header or struct.unpack(">I", raw[:4])[0] != magic:
+        raise CapstfError(f"{path}: not an MNIST IDX {'image' if ndim == 3 else 'label'} file "
+                          f"(expected magic number {magic}).")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    if ndim == 3 and shape[1:] != (28, 28):
+        raise CapstfError(f"{path}: images are {shape[1]}x{shape[2]}, expected 28x28.")
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise CapstfError(f"{path}: holds {len(raw)} bytes, its header promises {expected}; "
+                          "the file is truncated or corrupt.")
+    return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+
+
+def _load_tfds(split: str) -> Digits:
+    # Offline, tfds.load retries for minutes before failing: check reachability first.
+    try:
+        socket.create_connection(("storage.googleapis.com", 443), timeout=3).close()
+    except OSError:
+        tfds_dir = Path(os.environ.get("TFDS_DATA_DIR", Path.home() / "tensorflow_datasets"))
+        if not (tfds_dir / "mnist").is_dir():
+            raise CapstfError("Cannot reach storage.googleapis.com to download MNIST through "
+                              f"TFDS, and {tfds_dir} has no prepared copy. {OFFLINE_HINT}") from None
+    import tensorflow_datasets as tfds  # slow import: only when asked for
+    try:
+        images, labels = tfds.as_numpy(tfds.load("mnist", split=split, batch_size=-1,
+                                                 as_supervised=True))
+    except Exception as e:  # TFDS raises many types; all mean "no data"
+        raise CapstfError(f"TFDS could not load MNIST ({type(e).__name__}: {e}). {OFFLINE_HINT}") from None
+    return Digits(images[..., 0].astype(np.uint8), labels.astype(np.int32))

@@ -1,0 +1,155 @@
+"""CapsNet: Conv1 -> PrimaryCaps -> DigitCaps (routing by agreement) -> lengths, + decoder.
+
+The paper's MNIST model has 8,215,568 parameters (no DigitCaps bias; 6,804,224 without the
+decoder); on 36x36 MultiMNIST inputs it has 11,361,808.
+"""
+import tensorflow as tf
+from tensorflow import keras
+
+from capstf.model import losses
+from capstf.model.routing import capsule_length, route_by_agreement, route_by_agreement_xla, squash
+
+KERNEL = 9  # both convolutions, as in the paper
+
+
+class PrimaryCapsules(keras.layers.Layer):
+    """A strided convolution whose channels are grouped into capsules, then squashed.
+
+    Args:
+      types: capsule types (32 in the paper); each spatial position holds one of each.
+      dim: capsule dimension (8).
+      conv_dtype: dtype policy of the convolution ("mixed_bfloat16" computes it in bfloat16);
+        the capsules themselves are always float32.
+    """
+
+    def __init__(self, types=32, dim=8, conv_dtype="float32", **kwargs):
+        super().__init__(**kwargs)
+        self.types, self.dim, self.conv_dtype = types, dim, conv_dtype
+        self.conv = keras.layers.Conv2D(types * dim, KERNEL, strides=2, padding="valid",
+                                        dtype=conv_dtype, name="conv")
+
+    def call(self, features):
+        x = tf.cast(self.conv(features), tf.float32)  # [batch, g, g, types * dim]
+        grid = x.shape[1] * x.shape[2] * self.types
+        return squash(tf.reshape(x, [-1, grid, self.dim]))  # [batch, in_caps, dim]
+
+    def get_config(self):
+        return {**super().get_config(), "types": self.types, "dim": self.dim,
+                "conv_dtype": self.conv_dtype}
+
+
+class DigitCapsules(keras.layers.Layer):
+    """One capsule per class; each input capsule i predicts each class j with its own W_ij.
+
+    Args:
+      num_classes: parent capsules (10).
+      dim: parent capsule dimension (16).
+      routing_iters: routing iterations r.
+      jit_routing: compile routing with XLA (same numbers as plain graph mode, faster on CPU).
+    """
+
+    def __init__(self, num_classes=10, dim=16, routing_iters=3, jit_routing=True, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes, self.dim = num_classes, dim
+        self.routing_iters, self.jit_routing = routing_iters, jit_routing
+
+    def build(self, input_shape):
+        in_caps, in_dim = input_shape[1], input_shape[2]
+        # W_ij for all i as one [in_caps, in_dim, classes * dim] tensor: one batched matmul.
+        self.w = self.add_weight(name="w", shape=(in_caps, in_dim, self.num_classes * self.dim),
+                                 initializer=keras.initializers.RandomNormal(stddev=0.01))
+
+    def call(self, u):
+        u = tf.transpose(u, [1, 0, 2])  # [in_caps, batch, in_dim]
+        u_hat = tf.matmul(u, self.w)  # [in_caps, batch, classes * dim]
+        u_hat = tf.reshape(u_hat, [tf.shape(u)[0], tf.shape(u)[1], self.num_classes, self.dim])
+        route = route_by_agreement_xla if self.jit_routing else route_by_agreement
+        v, _ = route(u_hat, self.routing_iters)
+        return v  # [batch, classes, dim]
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "dim": self.dim,
+                "routing_iters": self.routing_iters, "jit_routing": self.jit_routing}
+
+
+def mask_capsules(capsules, classes):
+    """For each class index, zeroes every capsule but that one and flattens.
+
+    Args:
+      capsules: [batch, num_classes, dim].
+      classes: [batch, k] int class indices (the labels in training, the longest at test).
+    Returns:
+      [batch, k, num_classes * dim] decoder inputs, one per index.
+    """
+    keep = tf.one_hot(classes, capsules.shape[1], dtype=capsules.dtype)  # [batch, k, classes]
+    masked = keep[..., None] * capsules[:, None]  # [batch, k, classes, dim]
+    return tf.reshape(masked, [-1, classes.shape[1], capsules.shape[1] * capsules.shape[2]])
+
+
+class CapsNet(keras.Model):
+    """The paper's CapsNet, built from a ModelConfig.
+
+    Args:
+      cfg: ModelConfig (input size, channels, classes, capsule sizes, routing, decoder).
+      jit_routing: compile routing with XLA.
+      precision: "float32", or "mixed_bfloat16"/"mixed_float16" for the two convolutions
+        (routing, squash, decoder and losses stay float32).
+    """
+
+    def __init__(self, cfg, jit_routing=True, precision="float32", **kwargs):
+        super().__init__(**kwargs)
+        self.cfg = cfg
+        conv_dtype = precision
+        self.conv1 = keras.layers.Conv2D(cfg.conv1_filters, KERNEL, activation="relu",
+                                         dtype=conv_dtype, name="conv1")
+        self.primary = PrimaryCapsules(cfg.primary_caps_types, cfg.primary_caps_dim,
+                                       conv_dtype, name="primary_caps")
+        self.digit = DigitCapsules(cfg.num_classes, cfg.digit_caps_dim, cfg.routing_iters,
+                                   jit_routing, name="digit_caps")
+        self.decoder = None
+        if cfg.decoder:
+            pixels = cfg.input_size * cfg.input_size * cfg.channels
+            self.decoder = keras.Sequential([
+                keras.layers.Dense(512, activation="relu"),
+                keras.layers.Dense(1024, activation="relu"),
+                keras.layers.Dense(pixels, activation="sigmoid"),
+            ], name="decoder")
+        self(tf.zeros([1, cfg.input_size, cfg.input_size, cfg.channels]))  # creates the weights
+
+    def call(self, images, labels=None, training=False):
+        """images [batch, H, W, C] in [0, 1]; labels int [batch] or [batch, k] to mask with.
+
+        Returns a dict: probabilities [batch, classes] (capsule lengths), capsules
+        [batch, classes, dim], and with a decoder reconstructions [batch, k, H, W, C] (k =
+        digits per image), decoded from the labelled capsules if labels are given, else from
+        the k longest.
+        """
+        capsules = self.digit(self.primary(self.conv1(images)))  # [batch, classes, dim]
+        lengths = capsule_length(capsules)  # [batch, classes]
+        out = {"probabilities": lengths, "capsules": capsules}
+        if self.decoder is not None:
+            out["reconstructions"] = self.reconstruct(capsules, self.decode_classes(lengths, labels))
+        return out
+
+    def decode_classes(self, lengths, labels=None):
+        """[batch, k]: the labels when given (training), else the k longest capsules."""
+        if labels is None:
+            return tf.math.top_k(lengths, self.cfg.digits_per_image).indices
+        return tf.reshape(labels, [tf.shape(labels)[0], -1])
+
+    def reconstruct(self, capsules, classes):
+        """Decodes the capsules of `classes` [batch, k] -> images [batch, k, H, W, C]."""
+        masked = mask_capsules(capsules, classes)
+        pixels = self.decoder(tf.reshape(masked, [-1, masked.shape[-1]]))
+        s, c = self.cfg.input_size, self.cfg.channels
+        return tf.reshape(pixels, [-1, classes.shape[1], s, s, c])
+
+    def per_example_losses(self, out, batch):
+        """Margin (+ weighted reconstruction) loss per example, and its parts."""
+        margin = losses.margin_loss(out["probabilities"], losses.multi_hot(batch["label"], self.cfg.num_classes))
+        result = {"margin_loss": margin, "loss": margin}
+        if self.decoder is not None:
+            targets = batch.get("components", batch["image"][:, None])
+            recon = losses.reconstruction_loss(out["reconstructions"], targets, self.cfg.reconstruction_weight)
+            result.update(reconstruction_loss=recon, loss=margin + recon)
+        return result

@@ -1,0 +1,1 @@
+"""TF Serving gRPC client and a PredictionService server for exported models."""

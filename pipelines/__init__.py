@@ -1,0 +1,1 @@
+"""Experiment recipes, one TOML file per paper experiment (installed as capstf.pipelines)."""
