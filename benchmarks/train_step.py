@@ -1,0 +1,104 @@
+"""Images/s of one full optimizer step (paper CapsNet with decoder, r=3, batch 128), as JSON.
+
+    python benchmarks/train_step.py [--sizes 28,36] [--steps 5] [--variants ...]
+
+Variants: xla_routing (routing compiled), plain (graph mode), xla_step (whole step compiled),
+bf16 (mixed_bfloat16 convolutions + XLA routing). The profile times, at 28x28 float32, the
+forward pass, forward+backward, the routing alone and the optimizer update, to show where a
+step's time goes. Compare with ../shared/bench/reference_step.py run right after this one, on
+a quiet machine: absolute times drift between machines.
+"""
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import tensorflow as tf  # noqa: E402
+
+from capstf.config import ModelConfig, TrainConfig  # noqa: E402
+from capstf.config import Config, DataConfig  # noqa: E402
+from capstf.model.routing import route_by_agreement, route_by_agreement_xla  # noqa: E402
+from capstf.train import build_state, make_train_step  # noqa: E402
+
+VARIANTS = {  # name -> (jit, precision)
+    "xla_routing": ("routing", "float32"),
+    "plain": ("off", "float32"),
+    "xla_step": ("step", "float32"),
+    "bf16": ("routing", "mixed_bfloat16"),
+}
+
+
+def timed(fn, steps, warmup=2):
+    for _ in range(warmup):
+        tf.nest.map_structure(lambda t: t.numpy(), fn())
+    start = time.perf_counter()
+    for _ in range(steps):
+        tf.nest.map_structure(lambda t: t.numpy(), fn())
+    return (time.perf_counter() - start) / steps
+
+
+def setup(size, jit, precision, batch):
+    cfg = Config(DataConfig(), ModelConfig(input_size=size), TrainConfig(batch_size=batch, jit=jit, precision=precision))
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    with strategy.scope():
+        model, optimizer, _ = build_state(cfg, jit, precision)
+    images = tf.random.uniform([batch, size, size, 1])
+    batch_data = {"image": images, "label": tf.random.uniform([batch], 0, 10, tf.int32)}
+    data = iter(tf.data.Dataset.from_tensors(batch_data).repeat())
+    return model, optimizer, make_train_step(model, optimizer, strategy, batch, jit == "step"), data, batch_data
+
+
+def profile(batch, steps):
+    """Seconds per call of each part of a float32 step at 28x28."""
+    model, optimizer, step, data, b = setup(28, "routing", "float32", batch)
+    variables = model.trainable_variables
+
+    @tf.function
+    def forward():
+        return model(b["image"], labels=b["label"], training=True)["probabilities"]
+
+    @tf.function
+    def forward_backward():
+        with tf.GradientTape() as tape:
+            out = model(b["image"], labels=b["label"], training=True)
+            loss = tf.reduce_mean(model.per_example_losses(out, b)["loss"])
+        return tape.gradient(loss, variables)
+
+    grads = [tf.zeros_like(v) for v in variables]
+    apply = tf.function(lambda: optimizer.apply_gradients(zip(grads, variables)))
+    primary = tf.function(lambda: model.primary(model.conv1(b["image"])))
+    u = primary()
+    digit = model.digit
+    u_hat = tf.reshape(tf.matmul(tf.transpose(u, [1, 0, 2]), digit.w), [u.shape[1], batch, 10, 16])
+    routing_xla = lambda: route_by_agreement_xla(u_hat, 3)[0]
+    routing_plain = tf.function(lambda: route_by_agreement(u_hat, 3)[0])
+    return {name: round(timed(fn, steps), 4) for name, fn in [
+        ("forward_s", forward), ("convolutions_forward_s", primary), ("forward_backward_s", forward_backward),
+        ("routing_xla_forward_s", routing_xla), ("routing_plain_forward_s", routing_plain),
+        ("optimizer_update_s", apply), ("full_step_s", lambda: step(data))]}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="28,36")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--no-profile", action="store_true")
+    args = parser.parse_args()
+    results = {"batch": args.batch, "images_per_s": {}}
+    for size in map(int, args.sizes.split(",")):
+        for name in args.variants.split(","):
+            jit, precision = VARIANTS[name]
+            _, _, step, data, _ = setup(size, jit, precision, args.batch)
+            steps = 1 if name == "xla_step" else args.steps  # XLA's CPU convolutions are slow
+            results["images_per_s"][f"{size}x{size}/{name}"] = round(args.batch / timed(lambda: step(data), steps, 1), 1)
+            print(json.dumps({f"{size}x{size}/{name}": results["images_per_s"][f"{size}x{size}/{name}"]}), flush=True)
+    if not args.no_profile:
+        results["profile_28x28_float32"] = profile(args.batch, args.steps)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from capstf.config import DataConfig
+from capstf.data.datasets import affine_warp, ink_box, make_dataset, translate
+from capstf.data.sources import load_digits
+from capstf.errors import CapstfError
+
+
+def take(cfg, digits, split, count, seed=0, **kwargs):
+    batch = next(iter(make_dataset(cfg, digits, split, count, seed, limit=count, **kwargs)))
+    return {k: v.numpy() for k, v in batch.items()}
+
+
+def test_sample_is_real_balanced_mnist(train_digits, test_digits):
+    assert train_digits.images.shape == (5000, 28, 28) and test_digits.images.shape == (5000, 28, 28)
+    assert np.all(np.bincount(train_digits.labels) == 500)
+
+
+def source_index(digits, image):
+    """Index of the digit an unshifted 28x28 image came from."""
+    matches = np.where((digits.images == np.round(image * 255).astype(np.uint8)).all(axis=(1, 2)))[0]
+    return matches
+
+
+def test_mnist_test_images_stay_paired_with_their_labels(test_digits):
+    batch = take(DataConfig(dataset="mnist"), test_digits, "test", 50)
+    for image, label in zip(batch["image"][..., 0], batch["label"]):
+        matches = source_index(test_digits, image)
+        assert len(matches) and test_digits.labels[matches[0]] == label
+
+
+def find_shift(image, digits, max_shift):
+    """(digit index, dy, dx) such that shifting that digit by (dy, dx), zero-filled, gives image."""
+    padded = np.pad(digits.images, [(0, 0), (max_shift, max_shift), (max_shift, max_shift)])
+    target = np.round(image * 255).astype(np.uint8)
+    for dy in range(-max_shift, max_shift + 1):
+        for dx in range(-max_shift, max_shift + 1):
+            window = padded[:, max_shift - dy:max_shift - dy + 28, max_shift - dx:max_shift - dx + 28]
+            matches = np.where((window == target).all(axis=(1, 2)))[0]
+            if len(matches):
+                return matches[0], dy, dx
+    return None
+
+
+def test_mnist_shifts_stay_within_bounds_reach_extremes_and_keep_labels(train_digits):
+    batch = take(DataConfig(dataset="mnist", max_shift=2), train_digits, "train", 200)
+    shifts = []
+    for image, label in zip(batch["image"][:60, ..., 0], batch["label"][:60]):
+        found = find_shift(image, train_digits, 2)
+        assert found is not None, "a training image is not a shifted source digit"
+        index, dy, dx = found
+        assert train_digits.labels[index] == label
+        shifts += [dy, dx]
+    assert min(shifts) == -2 and max(shifts) == 2
+
+
+def test_two_epochs_shift_differently_and_seeds_repeat(train_digits):
+    cfg = DataConfig(dataset="mnist", max_shift=2)
+    n = len(train_digits.labels)
+    first = take(cfg, train_digits, "train", 64)
+    again = take(cfg, train_digits, "train", 64)
+    np.testing.assert_array_equal(first["image"], again["image"])
+    next_epoch = take(cfg, train_digits, "train", 64, start_example=n)
+    assert not np.array_equal(first["label"], next_epoch["label"])  # a fresh permutation
+    other_seed = take(cfg, train_digits, "train", 64, seed=1)
+    assert not np.array_equal(first["image"], other_seed["image"])
+
+
+def test_resuming_mid_stream_gives_the_same_examples(train_digits):
+    cfg = DataConfig(dataset="multimnist", max_shift=4)
+    full = take(cfg, train_digits, "train", 96)
+    tail = take(cfg, train_digits, "train", 32, start_example=64)
+    np.testing.assert_array_equal(full["image"][64:], tail["image"])
+
+
+def test_multimnist_pairs_differ_in_class_and_canvas_is_clipped_sum(train_digits):
+    batch = take(DataConfig(dataset="multimnist", max_shift=4), train_digits, "train", 64)
+    assert batch["image"].shape == (64, 36, 36, 1) and batch["components"].shape == (64, 2, 36, 36, 1)
+    assert np.all(batch["label"][:, 0] != batch["label"][:, 1])
+    np.testing.assert_allclose(batch["image"], np.minimum(batch["components"].sum(1), 1.0), atol=1e-6)
+    for components, labels in zip(batch["components"][:10], batch["label"][:10]):
+        for component, label in zip(components[..., 0], labels):
+            # the 36x36 canvas is the digit padded by 4, shifted by up to 4 px per axis
+            found = unshift_canvas(component, train_digits)
+            assert found is not None and train_digits.labels[found] == label
+
+
+def unshift_canvas(component, digits, max_shift=4):
+    ys, xs = np.nonzero(component)
+    for dy in range(-max_shift, max_shift + 1):
+        for dx in range(-max_shift, max_shift + 1):
+            top, left = 4 + dy, 4 + dx
+            if top < 0 or left < 0 or top + 28 > 36 or left + 28 > 36:
+                continue
+            crop = component[top:top + 28, left:left + 28]
+            if np.isclose(crop.sum(), component.sum()):
+                matches = source_index(digits, crop)
+                if len(matches):
+                    return matches[0]
+    return None
+
+
+def test_multimnist_test_set_is_deterministic_with_partners(test_digits):
+    cfg = DataConfig(dataset="multimnist", max_shift=4, partners_per_digit=3)
+    a, b = take(cfg, test_digits, "test", 30, seed=5), take(cfg, test_digits, "test", 30, seed=5)
+    np.testing.assert_array_equal(a["image"], b["image"])
+    # each test digit appears with 3 partners in a row
+    first = a["label"][:, 0]
+    assert np.all(first[0::3] == first[1::3]) and np.all(first[0::3] == first[2::3])
+
+
+def test_expanded_mnist_places_digits_anywhere_on_40x40(train_digits):
+    batch = take(DataConfig(dataset="expanded-mnist", max_shift=6), train_digits, "train", 200)
+    boxes = ink_box(tf.constant(batch["image"][..., 0])).numpy()
+    assert batch["image"].shape == (200, 40, 40, 1)
+    assert boxes[:, 0].min() < 4 and boxes[:, 2].max() > 35  # reaches near both edges
+
+
+def test_affine_parameters_stay_in_range_and_digits_stay_inside(test_digits):
+    cfg = DataConfig(dataset="affnist")
+    n = 64
+    u = tf.random.stateless_uniform([6, n], seed=[1, 2])
+    params = {"angle": (u[0] * 2 - 1) * 20, "shear": (u[1] * 2 - 1) * 0.2, "scale_x": 0.8 + 0.4 * u[2],
+              "scale_y": 0.8 + 0.4 * u[3], "tx": u[4], "ty": u[5]}
+    params["tx"] = tf.concat([tf.zeros(n // 2), tf.ones(n // 2)], 0)  # both translation extremes
+    digits = tf.constant(test_digits.images[:n], tf.float32) / 255
+    warped, forward, translation = affine_warp(digits, params, 40)
+    warped = warped.numpy()
+    border = np.concatenate([warped[:, 0], warped[:, -1], warped[:, :, 0], warped[:, :, -1]], 1)
+    assert border.max() < 1e-3, "ink was cut off at the canvas border"
+    assert np.all(warped.max(axis=(1, 2)) > 0.3)
+    box = ink_box(tf.constant(warped > 0.05, tf.float32)).numpy()
+    assert box[: n // 2, 1].min() <= 2 and box[n // 2:, 3].max() >= 37  # pushed to both sides
+    batch = take(cfg, test_digits, "test", 32, seed=3)
+    again = take(cfg, test_digits, "test", 32, seed=3)
+    np.testing.assert_array_equal(batch["image"], again["image"])
+    assert batch["image"].shape == (32, 40, 40, 1)
+
+
+def copy_sample(tmp_path):
+    from capstf.data.sources import SAMPLE_DIR
+    for f in SAMPLE_DIR.iterdir():
+        shutil.copy(f, tmp_path / f.name)
+    return tmp_path
+
+
+def test_raw_and_gzipped_idx_folders_load(tmp_path):
+    folder = copy_sample(tmp_path)
+    raw = folder / "t10k-images-idx3-ubyte"
+    raw.write_bytes(gzip.decompress((folder / "t10k-images-idx3-ubyte.gz").read_bytes()))
+    (folder / "t10k-images-idx3-ubyte.gz").unlink()
+    assert load_digits(str(folder), "test").images.shape == (5000, 28, 28)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: p.unlink(), "has no train-images"),
+    (lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:5000])), "truncated"),
+    (lambda p: p.write_bytes(b"not a gzip file at all"), "corrupt"),
+    (lambda p: p.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 20)), "not an MNIST IDX image"),
+])
+def test_damaged_idx_files_give_clear_errors_naming_the_file(tmp_path, damage, message):
+    folder = copy_sample(tmp_path)
+    damage(folder / "train-images-idx3-ubyte.gz")
+    with pytest.raises(CapstfError, match=message) as error:
+        load_digits(str(folder), "train")
+    assert "train-images" in str(error.value)
+
+
+def test_images_and_labels_of_different_counts_are_refused(tmp_path):
+    folder = copy_sample(tmp_path)
+    labels = gzip.decompress((folder / "train-labels-idx1-ubyte.gz").read_bytes())
+    short = labels[:4] + (4000).to_bytes(4, "big") + labels[8:8 + 4000]
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(short))
+    with pytest.raises(CapstfError, match="5000 images but 4000 labels"):
+        load_digits(str(folder), "train")
+
+
+def test_missing_data_dir_names_the_ways_out():
+    with pytest.raises(CapstfError, match="--data-dir sample"):
+        load_digits("/nonexistent/mnist", "train")
