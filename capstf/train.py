@@ -54,15 +54,14 @@ def device_defaults(train_cfg):
 
 
 def make_strategy(kind: str) -> tf.distribute.Strategy:
-    gpus = tf.config.list_logical_devices("GPU")
-    if kind == "auto":
-        kind = "multi-worker" if "TF_CONFIG" in os.environ else "mirrored" if len(gpus) > 1 else "one-device"
-    if kind == "multi-worker":
+    """The tf.distribute strategy; call it before any other TF work (collectives need that)."""
+    if kind == "multi-worker" or (kind == "auto" and "TF_CONFIG" in os.environ):
         if "TF_CONFIG" not in os.environ:
             raise CapstfError("--distribute multi-worker needs TF_CONFIG describing the cluster "
                               "(see README, 'Many machines').")
         return tf.distribute.MultiWorkerMirroredStrategy()
-    if kind == "mirrored":
+    gpus = tf.config.list_logical_devices("GPU")
+    if kind == "mirrored" or (kind == "auto" and len(gpus) > 1):
         devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
         return tf.distribute.MirroredStrategy(devices)
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
@@ -106,8 +105,8 @@ def train(cfg, model_dir, quiet=None) -> dict:
     """Trains (or resumes) the experiment `cfg` in model_dir; returns the final metrics."""
     model_dir = Path(model_dir)
     quiet = (not sys.stderr.isatty()) if quiet is None else quiet
-    jit, precision = device_defaults(cfg.train)
     strategy = make_strategy(cfg.train.distribute)
+    jit, precision = device_defaults(cfg.train)
     chief = is_chief(strategy)
     prepare_model_dir(cfg, model_dir, chief)
     log = (lambda msg: None) if not chief else (lambda msg: tqdm.write(msg, file=sys.stdout))

@@ -1,0 +1,118 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import small_config
+
+from capstf import config as config_lib
+from capstf.cli import main
+from capstf.errors import CapstfError
+from capstf.evaluate import evaluate
+from capstf.train import build_state, restore_for_inference, train
+
+
+def weights(model_dir, cfg):
+    model, step = restore_for_inference(model_dir, cfg)
+    return step, [v.numpy() for v in model.trainable_variables]
+
+
+def test_short_run_learns_and_evaluates(tmp_path):
+    cfg = small_config(steps=60, learning_rate=3e-3, checkpoint_every=30)
+    first = train(cfg, tmp_path, quiet=True)
+    assert first["step"] == 60 and first["accuracy"] > 0.5  # chance is 0.1
+    metrics = evaluate(tmp_path, limit=500)
+    assert metrics["examples"] == 500 and metrics["accuracy"] > 0.5
+    assert json.loads((tmp_path / "eval_mnist_test.json").read_text())["accuracy"] == metrics["accuracy"]
+    assert (tmp_path / "config.json").is_file() and list((tmp_path / "train").iterdir())
+
+
+def test_mirrored_over_two_devices_trains_like_one_device(tmp_path):
+    one = train(small_config(steps=4, log_every=1), tmp_path / "one", quiet=True)
+    two = train(small_config(steps=4, log_every=1, distribute="mirrored"), tmp_path / "two", quiet=True)
+    assert np.isclose(one["loss"], two["loss"], rtol=1e-3)
+    _, w_one = weights(tmp_path / "one", small_config())
+    _, w_two = weights(tmp_path / "two", small_config())
+    for a, b in zip(w_one, w_two):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    train(small_config(steps=6, checkpoint_every=3), tmp_path / "straight", quiet=True)
+    train(small_config(steps=3, checkpoint_every=3), tmp_path / "resumed", quiet=True)
+    resumed = train(small_config(steps=6, checkpoint_every=3), tmp_path / "resumed", quiet=True)
+    assert resumed["step"] == 6
+    step_a, a = weights(tmp_path / "straight", small_config())
+    step_b, b = weights(tmp_path / "resumed", small_config())
+    assert step_a == step_b == 6
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_incompatible_model_dir_is_refused(tmp_path):
+    train(small_config(steps=1), tmp_path, quiet=True)
+    cfg = small_config(steps=2)
+    cfg.model.routing_iters = 1
+    with pytest.raises(CapstfError, match="routing_iters: 3 -> 1"):
+        train(cfg, tmp_path, quiet=True)
+
+
+def test_multimnist_trains_and_scores_both_digits(tmp_path):
+    result = train(small_config("multimnist", steps=3), tmp_path, quiet=True)
+    assert np.isfinite(result["loss"]) and result["reconstruction_loss"] > 0
+    metrics = evaluate(tmp_path, limit=64)
+    assert metrics["both_correct_accuracy"] == metrics["accuracy"] and metrics["examples"] == 64
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--dataset", "mnist", "--data-dir", "/no/such/dir", "--steps", "1"], "does not exist"),
+    (["train", "--dataset", "mnist", "--data-dir", "sample", "--batch-size", "0"], "batch_size must be at least 1"),
+    (["train", "--dataset", "mnist", "--set", "train.nonsense=3"], "Unknown setting"),
+    (["train", "--dataset", "mnist", "--set", "train.steps=many"], "expected a int"),
+    (["train", "--dataset", "mnist", "--recipe", "nope"], "No recipe 'nope'"),
+    (["evaluate", "--model-dir", "/no/such/model"], "no trained model"),
+])
+def test_bad_input_gives_a_clear_error(args, message):
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
+def test_unknown_dataset_is_a_usage_error():
+    result = CliRunner().invoke(main, ["train", "--dataset", "cifar"])
+    assert result.exit_code == 2 and "Invalid value for '--dataset'" in result.output
+
+
+def test_recipes_are_found_and_runlocal_shrinks_them():
+    assert {"mnist", "multimnist", "expanded-mnist"} <= set(config_lib.recipe_names())
+    full, local = config_lib.resolve("multimnist"), config_lib.resolve("multimnist", runlocal=True)
+    assert full.model.input_size == 36 and full.train.decay_steps == 10 * config_lib.resolve("mnist").train.decay_steps
+    assert local.train.steps and local.model == full.model
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_workers_train_under_multi_worker_mirrored(tmp_path):
+    ports = [free_port(), free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    args = [sys.executable, "-m", "capstf.cli", "train", "--dataset", "mnist", "--data-dir", "sample",
+            "--model-dir", str(tmp_path / "run"), "--steps", "3", "--batch-size", "16",
+            "--distribute", "multi-worker", "--precision", "float32", "--checkpoint-every", "2",
+            "--set", "model.conv1_filters=16", "--set", "model.primary_caps_types=4"]
+    workers = [subprocess.Popen(args, env={**os.environ, "TF_CONFIG": json.dumps(
+        {"cluster": cluster, "task": {"type": "worker", "index": i}})}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), outputs
+    assert "2 replica(s)" in outputs[0]
+    final = json.loads(outputs[0].strip().splitlines()[-1])
+    assert final["step"] == 3 and np.isfinite(final["loss"])
+    assert (tmp_path / "run" / "checkpoints" / "ckpt-3.index").is_file()
+    assert not (tmp_path / "run" / "worker_scratch" / "1").exists()
