@@ -120,5 +120,60 @@ def data(dataset, data_dir, split, count, seed, out, png):
     click.echo(json.dumps(write_examples(dataset, data_dir or "", split, count, seed, out, png)))
 
 
+@main.command()
+@click.option("--model-dir", required=True, help="A folder written by `capstf train`.")
+@click.option("--export-dir", required=True, help="Where <name>/<version>/ and <name>.onnx go.")
+@click.option("--name", default="capsnet", show_default=True, help="Model name (TF Serving's model_spec.name).")
+@click.option("--version", type=click.IntRange(min=1), default=None, help="Default: the next free integer.")
+@click.option("--format", "formats", default="savedmodel,onnx", show_default=True)
+@click.option("--xla", is_flag=True, help="Keep routing XLA-compiled in the SavedModel (TF Serving then needs XLA).")
+@clear_errors
+def export(model_dir, export_dir, name, version, formats, xla):
+    """Export the newest checkpoint to SavedModel (TF Serving layout) and ONNX, verified."""
+    from capstf.export import export as run_export
+    report = run_export(model_dir, export_dir, name, version, tuple(f.strip() for f in formats.split(",") if f.strip()), xla)
+    click.echo(json.dumps(report, indent=2))
+
+
+@main.command()
+@click.option("--export-dir", required=True, help="A folder written by `capstf export`.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--port", type=click.IntRange(0, 65535), default=8500, show_default=True)
+@clear_errors
+def serve(export_dir, host, port):
+    """Serve exported models over TF Serving's gRPC PredictionService API."""
+    from capstf.serving.server import start_server
+    server, bound, servables = start_server(export_dir, host, port)
+    for name, servable in servables:
+        click.echo(f"serving {name} version {servable.version} on {host}:{bound} (gRPC)")
+    sys.stdout.flush()
+    server.wait_for_termination()
+
+
+@main.command()
+@click.option("--server", required=True, metavar="HOST:PORT", help="TF Serving (gRPC 8500, or REST 8501 with --rest).")
+@click.option("--model-name", default="capsnet", show_default=True)
+@click.option("--signature", default="serving_default", show_default=True)
+@click.option("--rest", is_flag=True, help="Use TF Serving's REST API instead of gRPC.")
+@click.option("--metadata", is_flag=True, help="Print the model's signatures (GetModelMetadata) instead.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for an answer.")
+@click.argument("files", nargs=-1, type=click.Path())
+@clear_errors
+def predict(server, model_name, signature, rest, metadata, timeout, files):
+    """Classify PNG, .npy or IDX images with a served model."""
+    from capstf.serving import client
+    if metadata:
+        click.echo(json.dumps(client.metadata_grpc(server, model_name, timeout), indent=2))
+        return
+    if not files:
+        raise CapstfError("Name at least one image file (PNG, .npy or IDX).")
+    images, names = client.read_images(files)
+    call = client.predict_rest if rest else client.predict_grpc
+    outputs = call(server, model_name, signature, images, timeout)
+    for i, name in enumerate(names):
+        click.echo(json.dumps({"image": name, "classes": outputs["classes"][i].tolist(),
+                               "probabilities": [round(float(p), 4) for p in outputs["probabilities"][i]]}))
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,159 @@
+"""`capstf export`: a SavedModel in TF Serving's layout and an ONNX model, both verified.
+
+OUT/<name>/<version>/      SavedModel; signatures `serving_default` (float32 images in [0, 1])
+                           and `predict_uint8` (uint8 images 0..255)
+OUT/<name>.onnx            the same math through tf2onnx, checked in onnxruntime
+OUT/<name>.export_report.json   what was checked, and the largest differences found
+Everything is written under a temporary name and renamed only once verified.
+"""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from capstf import config as config_lib
+from capstf.data.datasets import make_dataset
+from capstf.data.sources import load_digits
+from capstf.errors import CapstfError
+
+ONNX_OPSET = 17
+TOLERANCE = 1e-4
+OUTPUTS = ("probabilities", "classes", "capsules", "reconstructions")
+
+
+class ServingModule(tf.Module):
+    """The trained model behind serving signatures, with input checks inside the graph.
+
+    TF Serving runs the graph alone, so shape, dtype and value checks must live in it: a bad
+    request fails with INVALID_ARGUMENT there too.
+    """
+
+    def __init__(self, model, cfg):
+        super().__init__()
+        self.model, self.cfg = model, cfg
+        shape = [None, cfg.model.input_size, cfg.model.input_size, cfg.model.channels]
+        self.serving_default = tf.function(self._predict_float, input_signature=[tf.TensorSpec(shape, tf.float32, "images")])
+        self.predict_uint8 = tf.function(self._predict_uint8, input_signature=[tf.TensorSpec(shape, tf.uint8, "images")])
+        self.outputs = tf.function(self._outputs, input_signature=[tf.TensorSpec(shape, tf.float32, "images")])
+
+    def _outputs(self, images):
+        out = self.model(images, training=False)
+        k = self.cfg.model.digits_per_image
+        result = {"probabilities": out["probabilities"], "capsules": out.get("capsules", out["probabilities"][..., None]),
+                  "classes": tf.math.top_k(out["probabilities"], k).indices}
+        if "reconstructions" in out:
+            result["reconstructions"] = out["reconstructions"]
+        return result
+
+    def _predict_float(self, images):
+        checks = [tf.debugging.assert_positive(tf.shape(images)[0], message="empty batch"),
+                  tf.debugging.assert_all_finite(images, "images must be finite (no NaN or Inf)"),
+                  tf.debugging.assert_greater_equal(images, 0.0, message="images must be in [0, 1]"),
+                  tf.debugging.assert_less_equal(images, 1.0, message="images must be in [0, 1]")]
+        with tf.control_dependencies(checks):
+            return self._outputs(tf.identity(images))
+
+    def _predict_uint8(self, images):
+        with tf.control_dependencies([tf.debugging.assert_positive(tf.shape(images)[0], message="empty batch")]):
+            return self._outputs(tf.cast(images, tf.float32) / 255.0)
+
+
+def next_version(base: Path) -> int:
+    versions = [int(p.name) for p in base.iterdir() if p.name.isdigit()] if base.is_dir() else []
+    return max(versions, default=0) + 1
+
+
+def export(model_dir, export_dir, name="capsnet", version=None, formats=("savedmodel", "onnx"),
+           xla=False, verify_examples=64) -> dict:
+    """Exports the newest checkpoint of model_dir; returns the export report."""
+    from capstf.train import restore_for_inference
+    model_dir, export_dir = Path(model_dir), Path(export_dir)
+    unknown = set(formats) - {"savedmodel", "onnx"}
+    if unknown or not formats:
+        raise CapstfError(f"--format takes savedmodel and/or onnx, not {','.join(sorted(unknown)) or 'nothing'}.")
+    cfg = config_lib.load_saved(model_dir)
+    model, step = restore_for_inference(model_dir, cfg)
+    if xla and hasattr(model, "digit"):  # only on request: TF Serving needs XLA enabled for it
+        model.digit.jit_routing = True
+    module = ServingModule(model, cfg)
+    base = export_dir / name
+    version = version or next_version(base)
+    target = base / str(version)
+    if target.exists():
+        raise CapstfError(f"{target} already exists; choose another --version (next free: {next_version(base)}).")
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CapstfError(f"Cannot write to --export-dir {export_dir}: {e.strerror}.") from None
+
+    digits = load_digits(cfg.data.data_dir, "test")
+    batch = next(iter(make_dataset(cfg.data, digits, "test", verify_examples, cfg.train.seed, limit=verify_examples)))
+    images = batch["image"]
+    reference = {k: v.numpy() for k, v in module.outputs(images).items()}
+    report = {"model_dir": str(model_dir), "step": step, "dataset": cfg.data.dataset,
+              "verified_on": f"{len(images)} real {cfg.data.dataset} test examples", "tolerance": TOLERANCE}
+
+    if "savedmodel" in formats:
+        report["savedmodel"] = _export_savedmodel(module, base, target, images, reference, xla)
+    if "onnx" in formats:
+        report["onnx"] = _export_onnx(module, export_dir / f"{name}.onnx", images, reference)
+    (export_dir / f"{name}.export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _max_differences(expected: dict, actual: dict) -> dict:
+    diffs = {}
+    for key, value in expected.items():
+        got = np.asarray(actual[key])
+        diffs[key] = float(np.max(np.abs(got.astype(np.float64) - value))) if got.shape == value.shape else float("inf")
+    return diffs
+
+
+def _check(diffs: dict, what: str):
+    bad = {k: v for k, v in diffs.items() if not v <= TOLERANCE}
+    if bad:
+        raise CapstfError(f"{what} disagrees with the trained model beyond {TOLERANCE}: {bad}; nothing was exported.")
+
+
+def _export_savedmodel(module, base, target, images, reference, xla):
+    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=base))
+    try:
+        tf.saved_model.save(module, str(scratch), signatures={
+            "serving_default": module.serving_default, "predict_uint8": module.predict_uint8})
+        loaded = tf.saved_model.load(str(scratch))
+        diffs = _max_differences(reference, loaded.signatures["serving_default"](images=images))
+        _check(diffs, "The SavedModel")
+        if not xla and b"_XlaMustCompile" in b"".join(p.read_bytes() for p in scratch.rglob("*.pb")):
+            raise CapstfError("The SavedModel holds XLA must-compile attributes; TF Serving and tf2onnx cannot run them.")
+        os.rename(scratch, target)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"path": str(target), "signatures": ["serving_default", "predict_uint8"], "max_abs_difference": diffs}
+
+
+def _export_onnx(module, path, images, reference):
+    import onnxruntime
+    import tf2onnx
+    concrete = module.outputs.get_concrete_function()
+    scratch = path.with_name(f".{path.name}.tmp")
+    try:
+        tf2onnx.convert.from_function(module.outputs, input_signature=concrete.structured_input_signature[0],
+                                      opset=ONNX_OPSET, output_path=str(scratch))
+        session = onnxruntime.InferenceSession(str(scratch), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images.numpy()})))
+        diffs = _max_differences(reference, got)
+        _check(diffs, "The ONNX model")
+        os.replace(scratch, path)
+    except CapstfError:
+        raise
+    except Exception as e:  # tf2onnx and onnxruntime raise many types
+        raise CapstfError(f"ONNX conversion failed ({type(e).__name__}: {e}); nothing was exported.") from None
+    finally:
+        if scratch.exists():
+            scratch.unlink()
+    return {"path": str(path), "opset": ONNX_OPSET, "max_abs_difference": diffs}

@@ -1,0 +1,136 @@
+"""`capstf serve`: TF Serving's gRPC PredictionService (Predict, GetModelMetadata) on exports.
+
+A stand-in for tensorflow/serving where that cannot run (CI, a laptop): the same API, from
+tensorflow-serving-api's generated code, over the SavedModels `capstf export` wrote. Every bad
+request is answered with INVALID_ARGUMENT or NOT_FOUND and the server keeps serving.
+"""
+import threading
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+
+from capstf.errors import CapstfError
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_BATCH = 1024
+
+
+class Servable:
+    """One exported model version: its signatures and their SignatureDefs (for metadata)."""
+
+    def __init__(self, name, version, path: Path):
+        self.name, self.version = name, version
+        self.loaded = tf.saved_model.load(str(path))
+        self.signatures = dict(self.loaded.signatures)
+        meta = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
+        self.signature_defs = dict(meta.meta_graphs[0].signature_def)
+
+
+def load_servables(export_dir) -> dict:
+    """{model name: Servable of its newest version} for every OUT/<name>/<version>/ folder."""
+    root = Path(export_dir)
+    if not root.is_dir():
+        raise CapstfError(f"--export-dir {root} does not exist; run `capstf export` first.")
+    servables = {}
+    for model in sorted(p for p in root.iterdir() if p.is_dir()):
+        versions = sorted((int(v.name), v) for v in model.iterdir()
+                          if v.name.isdigit() and (v / "saved_model.pb").is_file())
+        if versions:
+            servables[model.name] = Servable(model.name, *versions[-1])
+    if not servables:
+        raise CapstfError(f"{root} holds no exported model (expected {root}/<name>/<version>/saved_model.pb).")
+    return servables
+
+
+class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
+    def __init__(self, servables):
+        self.servables = servables
+        self.lock = threading.Lock()  # one model call at a time: the CPU is the limit anyway
+
+    def _servable(self, spec, context):
+        servable = self.servables.get(spec.name)
+        if servable is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: model {spec.name!r}; "
+                          f"serving {sorted(self.servables)}")
+        if spec.HasField("version") and spec.version.value != servable.version:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"model {spec.name!r} version {spec.version.value} "
+                          f"not found; serving version {servable.version}")
+        return servable
+
+    def Predict(self, request, context):
+        servable = self._servable(request.model_spec, context)
+        signature_name = request.model_spec.signature_name or "serving_default"
+        signature = servable.signatures.get(signature_name)
+        if signature is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"signature {signature_name!r} not found; "
+                          f"available: {sorted(servable.signatures)}")
+        (input_name, spec), = signature.structured_input_signature[1].items()
+        if set(request.inputs) != {input_name}:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"signature {signature_name!r} takes exactly one "
+                          f"input {input_name!r}, got {sorted(request.inputs)}")
+        proto = request.inputs[input_name]
+        if proto.dtype != spec.dtype.as_datatype_enum:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {input_name!r} must be {spec.dtype.name}, "
+                          f"got {tf.dtypes.as_dtype(proto.dtype).name}")
+        shape = [d.size for d in proto.tensor_shape.dim]
+        if len(shape) != len(spec.shape) or any(s is not None and s != d for s, d in zip(spec.shape, shape)):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {input_name!r} must have shape "
+                          f"{[s if s is not None else -1 for s in spec.shape]}, got {shape}")
+        if not 0 < shape[0] <= MAX_BATCH:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"batch size must be 1..{MAX_BATCH}, got {shape[0]}")
+        try:
+            array = tf.make_ndarray(proto)
+            with self.lock:
+                outputs = signature(**{input_name: tf.constant(array)})
+        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _first_line(e))
+        response = predict_pb2.PredictResponse()
+        response.model_spec.name, response.model_spec.signature_name = servable.name, signature_name
+        response.model_spec.version.value = servable.version
+        output_filter = set(request.output_filter) or set(outputs)
+        for key in output_filter:
+            if key not in outputs:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"output_filter names unknown output {key!r}")
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(np.asarray(outputs[key])))
+        return response
+
+    def GetModelMetadata(self, request, context):
+        servable = self._servable(request.model_spec, context)
+        unsupported = set(request.metadata_field) - {"signature_def"}
+        if unsupported or not request.metadata_field:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "metadata_field must be ['signature_def']")
+        response = get_model_metadata_pb2.GetModelMetadataResponse()
+        response.model_spec.name = servable.name
+        response.model_spec.version.value = servable.version
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        for key, value in servable.signature_defs.items():
+            signatures.signature_def[key].CopyFrom(value)
+        response.metadata["signature_def"].Pack(signatures)
+        return response
+
+
+def _first_line(error) -> str:
+    message = getattr(error, "message", None) or str(error)
+    return message.strip().splitlines()[0][:500]
+
+
+def start_server(export_dir, host="127.0.0.1", port=8500, workers=4):
+    """Starts serving in background threads; returns (grpc server, bound port)."""
+    service = PredictionService(load_servables(export_dir))
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(service, server)
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
+    if not bound:
+        raise CapstfError(f"Cannot listen on {host}:{port} (in use, or not an address of this machine).")
+    server.start()
+    return server, bound, sorted(service.servables.items())

@@ -1,0 +1,159 @@
+"""Export a small trained model, load it without capstf, compare SavedModel, in-memory and
+ONNX outputs, and exercise the gRPC client against `capstf serve` on loopback."""
+import json
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+import tensorflow as tf
+from click.testing import CliRunner
+from conftest import small_config
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from capstf.cli import main
+from capstf.errors import CapstfError
+from capstf.export import export
+from capstf.serving import client
+from capstf.serving.server import start_server
+from capstf.train import restore_for_inference, train
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    cfg = small_config(steps=30, learning_rate=3e-3, checkpoint_every=30)
+    train(cfg, root / "model", quiet=True)
+    report = export(root / "model", root / "out")
+    return root, cfg, report
+
+
+@pytest.fixture(scope="module")
+def server(exported):
+    root, _, _ = exported
+    grpc_server, port, _ = start_server(root / "out", port=0)
+    yield f"127.0.0.1:{port}"
+    grpc_server.stop(0)
+
+
+def digits(count=8):
+    from capstf.data.sources import load_digits
+    return load_digits("sample", "test").images[:count].astype(np.float32)[..., None] / 255
+
+
+def test_export_writes_tf_serving_layout_and_a_verified_report(exported):
+    root, _, report = exported
+    assert (root / "out" / "capsnet" / "1" / "saved_model.pb").is_file()
+    assert (root / "out" / "capsnet.onnx").is_file()
+    saved = json.loads((root / "out" / "capsnet.export_report.json").read_text())
+    assert saved == json.loads(json.dumps(report))
+    for fmt in ("savedmodel", "onnx"):
+        assert max(report[fmt]["max_abs_difference"].values()) <= 1e-4
+    assert not [p for p in (root / "out" / "capsnet").iterdir() if p.name.startswith(".")]  # no scratch left
+    assert b"_XlaMustCompile" not in (root / "out" / "capsnet" / "1" / "saved_model.pb").read_bytes()
+
+
+def test_next_export_gets_the_next_version_and_existing_versions_are_refused(exported):
+    root, _, _ = exported
+    with pytest.raises(CapstfError, match="already exists"):
+        export(root / "model", root / "out", version=1, formats=("savedmodel",))
+    report = export(root / "model", root / "out", formats=("savedmodel",))
+    assert report["savedmodel"]["path"].endswith("capsnet/2")
+
+
+def test_export_without_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(small_config().to_dict()))
+    result = CliRunner().invoke(main, ["export", "--model-dir", str(tmp_path), "--export-dir", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "no checkpoint" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+FRESH_PROCESS = """
+import sys, json, numpy as np
+sys.modules["capstf"] = None  # importing capstf now fails: the SavedModel must not need it
+import tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+images = np.load(sys.argv[2])
+out = model.signatures["serving_default"](images=tf.constant(images))
+raw = model.signatures["predict_uint8"](images=tf.constant(np.round(images * 255).astype(np.uint8)))
+print(json.dumps({k: v.numpy().tolist() for k, v in out.items()} | {"uint8_probabilities": raw["probabilities"].numpy().tolist()}))
+"""
+
+
+def test_savedmodel_runs_in_a_fresh_process_without_capstf_and_matches_all_runtimes(exported, tmp_path):
+    root, cfg, _ = exported
+    images = digits()
+    np.save(tmp_path / "images.npy", images)
+    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(root / "out" / "capsnet" / "1"),
+                          str(tmp_path / "images.npy")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    fresh = json.loads(run.stdout.strip().splitlines()[-1])
+    model, _ = restore_for_inference(root / "model", cfg)
+    memory = model(tf.constant(images))
+    np.testing.assert_allclose(fresh["probabilities"], memory["probabilities"], atol=1e-5)
+    np.testing.assert_allclose(fresh["uint8_probabilities"], memory["probabilities"], atol=1e-5)
+    np.testing.assert_allclose(fresh["reconstructions"], memory["reconstructions"], atol=1e-5)
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(root / "out" / "capsnet.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    onnx_out = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images})))
+    np.testing.assert_allclose(onnx_out["probabilities"], memory["probabilities"], atol=1e-4)
+    np.testing.assert_array_equal(onnx_out["classes"][:, 0], np.argmax(memory["probabilities"], -1))
+
+
+def test_client_predicts_real_digits_through_grpc(server, tmp_path):
+    from PIL import Image
+    images = digits(4)
+    np.save(tmp_path / "four.npy", images)
+    Image.fromarray(np.round(images[0, ..., 0] * 255).astype(np.uint8)).save(tmp_path / "one.png")
+    result = CliRunner().invoke(main, ["predict", "--server", server, str(tmp_path / "four.npy"), str(tmp_path / "one.png")])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.strip().splitlines()]
+    assert len(lines) == 5 and lines[0]["classes"] == lines[4]["classes"]
+    assert all(len(line["probabilities"]) == 10 for line in lines)
+
+
+def test_metadata_lists_both_signatures(server):
+    meta = client.metadata_grpc(server, "capsnet")
+    assert meta["version"] == 1 or meta["version"] == 2
+    assert meta["signatures"]["serving_default"]["inputs"]["images"] == {"dtype": "float32", "shape": [-1, 28, 28, 1]}
+    assert meta["signatures"]["predict_uint8"]["inputs"]["images"]["dtype"] == "uint8"
+    assert set(meta["signatures"]["serving_default"]["outputs"]) == {"probabilities", "classes", "capsules", "reconstructions"}
+
+
+def raw_predict(server, array, name="capsnet", signature="serving_default", input_name="images"):
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = name, signature
+    request.inputs[input_name].CopyFrom(tf.make_tensor_proto(array))
+    with grpc.insecure_channel(server) as channel:
+        return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+
+
+GOOD = digits(2)
+
+
+@pytest.mark.parametrize("kwargs, code", [
+    ({"name": "unknown"}, grpc.StatusCode.NOT_FOUND),
+    ({"signature": "nope"}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"input_name": "pixels"}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"array": GOOD.astype(np.float64)}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"array": GOOD[:, :20]}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"array": GOOD[:0]}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"array": np.zeros([1025, 28, 28, 1], np.float32)}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"array": np.where(GOOD > 0.5, np.nan, GOOD).astype(np.float32)}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"array": GOOD * 255}, grpc.StatusCode.INVALID_ARGUMENT),
+])
+def test_bad_requests_are_rejected_and_the_server_keeps_serving(server, kwargs, code):
+    array = kwargs.pop("array", GOOD)
+    with pytest.raises(grpc.RpcError) as error:
+        raw_predict(server, array, **kwargs)
+    assert error.value.code() == code
+    assert tf.make_ndarray(raw_predict(server, GOOD).outputs["probabilities"]).shape == (2, 10)  # still answers
+
+
+def test_unreachable_server_is_a_clear_error():
+    result = CliRunner().invoke(main, ["predict", "--server", "127.0.0.1:1", "--timeout", "2", "x.npy"])
+    assert result.exit_code == 1 and "no such file" in result.output
+    with pytest.raises(CapstfError, match="Cannot reach a TF Serving gRPC server"):
+        client.predict_grpc("127.0.0.1:1", "capsnet", "serving_default", GOOD, timeout=2)
