@@ -1,8 +1,8 @@
 """Images/s of one full optimizer step (paper CapsNet with decoder, r=3, batch 128), as JSON.
 
-    python benchmarks/train_step.py [--sizes 28,36] [--steps 5] [--variants ...]
+    python benchmarks/train_step.py [--sizes 28,36] [--rounds 4] [--variants ...]
 
-Variants: xla_routing (routing compiled), plain (graph mode), xla_step (whole step compiled),
+Variants (each timed in turn, several rounds): xla_routing (routing compiled), plain (graph mode), xla_step (whole step compiled),
 bf16 (mixed_bfloat16 convolutions + XLA routing). The profile times, at 28x28 float32, the
 forward pass, forward+backward, the routing alone and the optimizer update, to show where a
 step's time goes. Compare with ../shared/bench/reference_step.py run right after this one, on
@@ -83,20 +83,28 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="28,36")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4, help="Timed steps per variant, interleaved.")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--no-profile", action="store_true")
     args = parser.parse_args()
-    results = {"batch": args.batch, "images_per_s": {}}
+    # Shared machines drift by 2-3x within minutes: interleave variants, report best and median.
+    steps = {}
     for size in map(int, args.sizes.split(",")):
         for name in args.variants.split(","):
-            jit, precision = VARIANTS[name]
-            _, _, step, data, _ = setup(size, jit, precision, args.batch)
-            steps = 1 if name == "xla_step" else args.steps  # XLA's CPU convolutions are slow
-            results["images_per_s"][f"{size}x{size}/{name}"] = round(args.batch / timed(lambda: step(data), steps, 1), 1)
-            print(json.dumps({f"{size}x{size}/{name}": results["images_per_s"][f"{size}x{size}/{name}"]}), flush=True)
+            _, _, step, data, _ = setup(size, *VARIANTS[name], args.batch)
+            tf.nest.map_structure(lambda t: t.numpy(), step(data))  # compile
+            steps[f"{size}x{size}/{name}"] = (lambda step=step, data=data: step(data))
+    times = {key: [] for key in steps}
+    for round_ in range(args.rounds):
+        for key, fn in steps.items():
+            if key.endswith("xla_step") and round_:  # XLA's CPU convolutions: one slow step is enough
+                continue
+            times[key].append(timed(fn, 1, warmup=0))
+    results = {"batch": args.batch, "rounds": args.rounds,
+               "images_per_s_best": {k: round(args.batch / min(v), 1) for k, v in times.items()},
+               "images_per_s_median": {k: round(args.batch / sorted(v)[len(v) // 2], 1) for k, v in times.items()}}
     if not args.no_profile:
-        results["profile_28x28_float32"] = profile(args.batch, args.steps)
+        results["profile_28x28_float32_s"] = profile(args.batch, args.rounds)
     print(json.dumps(results))
 
 

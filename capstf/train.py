@@ -125,12 +125,11 @@ def train(cfg, model_dir, quiet=None) -> dict:
     with strategy.scope():
         model, optimizer, checkpoint = build_state(cfg, jit, precision)
     manager = tf.train.CheckpointManager(
-        checkpoint, str(checkpoint_dir(model_dir, strategy, chief)), cfg.train.keep_checkpoints,
-        step_counter=optimizer.iterations, checkpoint_interval=cfg.train.checkpoint_every)
+        checkpoint, str(checkpoint_dir(model_dir, strategy, chief)), cfg.train.keep_checkpoints)
     manager.restore_or_initialize()
     start = int(optimizer.iterations.numpy())
     if start:
-        log(f"resumed from step {start}")
+        log(f"resumed from step {start}" + (f"; already trained past --steps {total_steps}" if start >= total_steps else ""))
 
     def dataset_fn(ctx: tf.distribute.InputContext):
         return make_dataset(cfg.data, train_digits, "train", ctx.get_per_replica_batch_size(global_batch),
@@ -150,7 +149,8 @@ def train(cfg, model_dir, quiet=None) -> dict:
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0.0) + v
             seen += global_batch
-            manager.save(checkpoint_number=optimizer.iterations, check_interval=True)
+            if step % cfg.train.checkpoint_every == 0:
+                manager.save(checkpoint_number=step)
             if step % cfg.train.log_every == 0 or step == total_steps:
                 rate = seen / (time.perf_counter() - t0)
                 means = {k: v / sums["examples"] for k, v in sums.items() if k != "examples"}
@@ -170,7 +170,9 @@ def train(cfg, model_dir, quiet=None) -> dict:
                 log(f"step {step} (epoch {step / steps_per_epoch:.2f}): test accuracy "
                     f"{ev['accuracy']:.4f} on {ev['examples']} examples")
                 result["test_accuracy"] = ev["accuracy"]
-        manager.save(checkpoint_number=optimizer.iterations, check_interval=False)
+        final = int(optimizer.iterations.numpy())
+        if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{final}"):
+            manager.save(checkpoint_number=final)
     bar.close()
     if not chief:  # workers save only because saving is collective; their copies are scratch
         shutil.rmtree(checkpoint_dir(model_dir, strategy, chief), ignore_errors=True)

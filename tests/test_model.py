@@ -121,3 +121,19 @@ def test_mixed_bfloat16_keeps_capsules_in_float32():
     out = model(tf.random.uniform([2, 28, 28, 1]))
     assert out["probabilities"].dtype == tf.float32 and out["capsules"].dtype == tf.float32
     assert model.conv1.compute_dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv_gradients_equal_tensorflows_own(stride):
+    from capstf.model.capsnet import conv2d_valid
+    x = tf.random.normal([2, 13, 13, 3], seed=6)
+    kernel = tf.random.normal([9, 9, 3, 4], seed=7)
+    results = []
+    for conv in (conv2d_valid, lambda a, k, s: tf.nn.conv2d(a, k, s, "VALID")):
+        with tf.GradientTape() as tape:
+            tape.watch([x, kernel])
+            y = conv(x, kernel, stride)
+            loss = tf.reduce_sum(y * tf.sin(y))
+        results.append([y] + tape.gradient(loss, [x, kernel]))
+    for ours, theirs in zip(*results):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-3)
