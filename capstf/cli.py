@@ -175,5 +175,50 @@ def predict(server, model_name, signature, rest, metadata, timeout, files):
                                "probabilities": [round(float(p), 4) for p in outputs["probabilities"][i]]}))
 
 
+@main.group()
+def visualize():
+    """Draw the paper's figures (reconstructions, perturbations, MultiMNIST overlays) as PNG."""
+
+
+def figure_options(f):
+    for option in reversed([
+            click.option("--model-dir", required=True, help="A folder written by `capstf train`."),
+            click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Default: the one trained on."),
+            click.option("--data-dir", default=None, metavar="DIR|sample", help="Default: the model's own."),
+            click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG file.")]):
+        f = option(f)
+    return f
+
+
+@visualize.command("reconstructions")
+@figure_options
+@click.option("--count", type=click.IntRange(1, 200), default=20, show_default=True)
+@clear_errors
+def visualize_reconstructions(model_dir, dataset, data_dir, out, count):
+    """Inputs above their reconstructions, (label, prediction, target); misclassified first (Figure 3)."""
+    from capstf import visualize as figures
+    click.echo(json.dumps(figures.reconstructions(model_dir, out, dataset, data_dir, count)))
+
+
+@visualize.command("perturbations")
+@figure_options
+@click.option("--index", type=click.IntRange(0, 99), default=0, show_default=True, help="Which test example.")
+@clear_errors
+def visualize_perturbations(model_dir, dataset, data_dir, out, index):
+    """Each capsule dimension moved from -0.25 to 0.25, decoded: one row per dimension (Figure 4)."""
+    from capstf import visualize as figures
+    click.echo(json.dumps(figures.perturbations(model_dir, out, dataset, data_dir, index)[0]))
+
+
+@visualize.command("multimnist")
+@figure_options
+@click.option("--count", type=click.IntRange(1, 100), default=16, show_default=True)
+@clear_errors
+def visualize_multimnist(model_dir, dataset, data_dir, out, count):
+    """MultiMNIST inputs with both reconstructed digits in red and green; wrong ones framed (Figure 5)."""
+    from capstf import visualize as figures
+    click.echo(json.dumps(figures.multimnist(model_dir, out, dataset, data_dir, count)))
+
+
 if __name__ == "__main__":
     main()

@@ -5,7 +5,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from capstf import config as config_lib
-from capstf.data.datasets import make_dataset, num_examples, spec
+from capstf.data.datasets import SPECS, make_dataset, num_examples, spec
 from capstf.data.sources import load_digits
 from capstf.errors import CapstfError
 from capstf.model.losses import multi_hot
@@ -38,6 +38,15 @@ def score(model, dataset) -> dict:
     return {"accuracy": correct / total, "error": 1 - correct / total, "examples": total}
 
 
+def check_dataset_fits(cfg, dataset, model_dir):
+    """A model takes only data sets of its canvas size and digits per image."""
+    if dataset not in SPECS:
+        raise CapstfError(f"Unknown data set {dataset!r}; choose one of {', '.join(SPECS)}.")
+    if spec(dataset).canvas != cfg.model.input_size or spec(dataset).digits_per_image != cfg.model.digits_per_image:
+        raise CapstfError(f"{model_dir} holds a model trained on {config_lib.load_saved(model_dir).data.dataset} "
+                          f"({cfg.model.input_size}x{cfg.model.input_size}); it cannot take {dataset}.")
+
+
 def evaluate(model_dir, dataset=None, data_dir=None, split="test", limit=0,
              partners_per_digit=None, batch_size=100) -> dict:
     """Restores the newest checkpoint in model_dir and scores it; writes eval_<dataset>_<split>.json."""
@@ -45,11 +54,7 @@ def evaluate(model_dir, dataset=None, data_dir=None, split="test", limit=0,
     model_dir = Path(model_dir)
     cfg = config_lib.load_saved(model_dir)
     dataset = dataset or cfg.data.dataset
-    if dataset not in ("mnist", "multimnist", "expanded-mnist", "affnist"):
-        raise CapstfError(f"Unknown data set {dataset!r}.")
-    if spec(dataset).canvas != cfg.model.input_size or spec(dataset).digits_per_image != cfg.model.digits_per_image:
-        raise CapstfError(f"{model_dir} holds a model for {cfg.data.dataset} "
-                          f"({cfg.model.input_size}x{cfg.model.input_size}); it cannot score {dataset}.")
+    check_dataset_fits(cfg, dataset, model_dir)
     cfg.data.dataset = dataset
     if data_dir is not None:
         cfg.data.data_dir = data_dir

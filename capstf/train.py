@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 from tensorflow import keras
 from tqdm import tqdm
@@ -205,14 +206,16 @@ def make_train_step(model, optimizer, strategy, global_batch, jit_step):
 
 
 def log_reconstructions(model, batch, step):
-    """TensorBoard image: inputs (top row) above what the decoder made of them (bottom row)."""
+    """TensorBoard image: `capstf visualize reconstructions`' sheet for a fixed batch."""
+    from capstf.visualize import reconstruction_sheet
     out = model(batch["image"], training=False)
     if "reconstructions" not in out:
         return
-    decoded = tf.minimum(tf.reduce_sum(out["reconstructions"], axis=1), 1.0)  # overlay all digits
-    row = lambda images: tf.concat(tf.unstack(images), axis=1)  # [H, batch * W, C]
-    grid = tf.concat([row(batch["image"]), row(decoded)], axis=0)
-    tf.summary.image("reconstructions", grid[None], step=step)
+    k = out["reconstructions"].shape[1]
+    labels = tf.reshape(batch["label"], [tf.shape(batch["label"])[0], -1])
+    predictions = tf.math.top_k(out["probabilities"], k).indices
+    sheet = reconstruction_sheet(batch["image"].numpy(), out["reconstructions"].numpy(), labels.numpy(), predictions.numpy())
+    tf.summary.image("reconstructions", np.asarray(sheet)[None], step=step)
 
 
 # --------------------------------------------------------------------------- model dir

@@ -25,8 +25,18 @@ def small_config(dataset="mnist", **train):
     """The mnist/multimnist recipe with a small CapsNet, float32, for fast tests."""
     from capstf import config
     overrides = {"data.dataset": dataset, "data.data_dir": "sample", "data.partners_per_digit": 1,
-                 "model.conv1_filters": 32, "model.primary_caps_types": 8, "model.digit_caps_dim": 8,
+                 "model.conv1_filters": 32, "model.primary_caps_types": 8,
                  "train.precision": "float32", "train.batch_size": 32, "train.log_every": 5,
                  "train.distribute": "one-device"}
     overrides.update({f"train.{k}": v for k, v in train.items()})
     return config.resolve(dataset, overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_mnist(tmp_path_factory):
+    """A small CapsNet trained for 30 steps on the sample digits: (model dir, config)."""
+    from capstf.train import train
+    model_dir = tmp_path_factory.mktemp("trained") / "mnist"
+    cfg = small_config(steps=30, learning_rate=3e-3, checkpoint_every=30)
+    train(cfg, model_dir, quiet=True)
+    return model_dir, cfg

@@ -1,6 +1,7 @@
 """Export a small trained model, load it without capstf, compare SavedModel, in-memory and
 ONNX outputs, and exercise the gRPC client against `capstf serve` on loopback."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -17,14 +18,14 @@ from capstf.errors import CapstfError
 from capstf.export import export
 from capstf.serving import client
 from capstf.serving.server import start_server
-from capstf.train import restore_for_inference, train
+from capstf.train import restore_for_inference
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def exported(trained_mnist, tmp_path_factory):
+    model_dir, cfg = trained_mnist
     root = tmp_path_factory.mktemp("export")
-    cfg = small_config(steps=30, learning_rate=3e-3, checkpoint_every=30)
-    train(cfg, root / "model", quiet=True)
+    shutil.copytree(model_dir, root / "model")
     report = export(root / "model", root / "out")
     return root, cfg, report
 

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import small_config
+from PIL import Image
+
+from capstf import visualize
+from capstf.cli import main
+from capstf.train import train
+
+TILE = 28 * visualize.SCALE
+
+
+def test_reconstruction_figure_has_inputs_over_reconstructions(trained_mnist, tmp_path):
+    model_dir, _ = trained_mnist
+    result = CliRunner().invoke(main, ["visualize", "reconstructions", "--model-dir", str(model_dir),
+                                       "--count", "6", "--out", str(tmp_path / "fig3.png")])
+    assert result.exit_code == 0, result.output
+    image = Image.open(tmp_path / "fig3.png")
+    assert image.size == (6 * (TILE + 2) + 2, 2 * TILE + visualize.CAPTION + 4)
+
+
+def test_perturbation_grid_has_16_rows_of_11_changing_images(trained_mnist, tmp_path):
+    model_dir, cfg = trained_mnist
+    info, grid = visualize.perturbations(model_dir, tmp_path / "fig4.png")
+    dims = cfg.model.digit_caps_dim
+    assert dims == 16 and grid.shape == (dims, 11, 28, 28, 1) and info["rows"] == dims and info["columns"] == 11
+    assert Image.open(tmp_path / "fig4.png").size == (11 * (TILE + 2) + 2, dims * (TILE + 2) + 2)
+    for row in grid:  # each dimension changes the decoded digit along its row
+        assert np.abs(row[0] - row[-1]).max() > 1e-3
+    assert np.allclose(np.round(visualize.PERTURBATIONS, 2), np.round(np.linspace(-0.25, 0.25, 11), 2))
+
+
+def test_multimnist_overlay_figure(tmp_path):
+    model_dir = tmp_path / "mm"
+    train(small_config("multimnist", steps=2, checkpoint_every=2), model_dir, quiet=True)
+    info = visualize.multimnist(model_dir, tmp_path / "fig5.png", count=8)
+    image = Image.open(tmp_path / "fig5.png")
+    assert image.mode == "RGB" and image.size == (8 * (36 * visualize.SCALE + 2) + 2, 36 * visualize.SCALE + visualize.CAPTION + 4)
+    assert info["width"] == image.width
+
+
+@pytest.mark.parametrize("args, message", [
+    (["visualize", "reconstructions", "--model-dir", "/no/model", "--out", "x.png"], "no trained model"),
+    (["visualize", "multimnist", "--out", "x.png"], "multimnist"),
+    (["visualize", "reconstructions", "--dataset", "multimnist", "--out", "x.png"], "cannot take multimnist"),
+    (["visualize", "reconstructions", "--out", "/no/such/folder/x.png"], "does not exist"),
+])
+def test_clear_errors(trained_mnist, args, message):
+    if "--model-dir" not in args:
+        args = args[:2] + ["--model-dir", str(trained_mnist[0])] + args[2:]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
