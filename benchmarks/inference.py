@@ -1,0 +1,80 @@
+"""Inference speed of an exported model, as JSON: batch-1 p50/p99 latency and batch-128
+throughput for the SavedModel, ONNX Runtime, and a gRPC round trip to `capstf serve`.
+
+    python benchmarks/inference.py --model-dir runs/mnist [--export-dir /tmp/capstf-bench]
+
+Exports the model first if --export-dir holds no export yet. Uses real test digits.
+"""
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from capstf import config as config_lib  # noqa: E402
+from capstf.data.datasets import make_dataset  # noqa: E402
+from capstf.data.sources import load_digits  # noqa: E402
+from capstf.export import export  # noqa: E402
+from capstf.serving.client import predict_grpc  # noqa: E402
+from capstf.serving.server import start_server  # noqa: E402
+
+
+def latency(fn, batch, calls):
+    fn(batch[:1])
+    times = []
+    for i in range(calls):
+        start = time.perf_counter()
+        fn(batch[i % len(batch):i % len(batch) + 1])
+        times.append(time.perf_counter() - start)
+    return {"p50_ms": round(1000 * float(np.percentile(times, 50)), 2),
+            "p99_ms": round(1000 * float(np.percentile(times, 99)), 2)}
+
+
+def throughput(fn, batch, calls):
+    fn(batch)
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn(batch)
+    return round(len(batch) * calls / (time.perf_counter() - start), 1)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--export-dir", default=os.path.join(tempfile.gettempdir(), "capstf-bench"))
+    parser.add_argument("--calls", type=int, default=100)
+    parser.add_argument("--batch-calls", type=int, default=5)
+    args = parser.parse_args()
+    out = Path(args.export_dir)
+    if not (out / "capsnet.onnx").is_file():
+        export(args.model_dir, out)
+    cfg = config_lib.load_saved(args.model_dir)
+    digits = load_digits(cfg.data.data_dir, "test")
+    images = next(iter(make_dataset(cfg.data, digits, "test", 128, 0, limit=128)))["image"].numpy()
+
+    versions = sorted(int(p.name) for p in (out / "capsnet").iterdir() if p.name.isdigit())
+    signature = tf.saved_model.load(str(out / "capsnet" / str(versions[-1]))).signatures["serving_default"]
+    savedmodel = lambda x: signature(images=tf.constant(x))["probabilities"].numpy()
+    import onnxruntime
+    session = onnxruntime.InferenceSession(str(out / "capsnet.onnx"), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    onnx = lambda x: session.run(["probabilities"], {input_name: x})
+    server, port, _ = start_server(out, port=0)
+    grpc_call = lambda x: predict_grpc(f"127.0.0.1:{port}", "capsnet", "serving_default", x, timeout=60)
+    results = {"model_dir": args.model_dir, "input": list(images.shape[1:])}
+    try:
+        for name, fn in [("savedmodel", savedmodel), ("onnxruntime", onnx), ("grpc_capstf_serve", grpc_call)]:
+            results[name] = {"batch1": latency(fn, images, args.calls),
+                             "batch128_images_per_s": throughput(fn, images, args.batch_calls)}
+    finally:
+        server.stop(0)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
