@@ -20,9 +20,8 @@ class DataConfig:
     dataset: str = "mnist"           # mnist | multimnist | expanded-mnist | affnist
     data_dir: str = ""               # "" = TFDS; "sample" = bundled digits; or an IDX folder
     max_shift: int = 2               # training shift per axis, in pixels
-    augment: str = "shift"           # training digits: shift (the paper) | affine (the ranges below)
     partners_per_digit: int = 1000   # MultiMNIST test set size = test digits x this
-    max_rotation_deg: float = 20.0   # affNIST-style transforms (affnist test set, augment = "affine")
+    max_rotation_deg: float = 20.0   # affNIST-style test transforms
     max_shear: float = 0.2
     min_scale: float = 0.8
     max_scale: float = 1.2
@@ -150,7 +149,6 @@ CHOICES = {"train.jit": ("auto", "routing", "step", "off"),
            "train.precision": ("auto", "float32", "mixed_bfloat16", "mixed_float16"),
            "train.distribute": ("auto", "mirrored", "multi-worker", "one-device"),
            "model.kind": ("capsnet", "baseline"),
-           "data.augment": ("shift", "affine"),
            "data.dataset": tuple(SPECS)}
 
 

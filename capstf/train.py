@@ -145,39 +145,48 @@ def train(cfg, model_dir, quiet=None) -> dict:
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=quiet or not chief, dynamic_ncols=True)
     result = {"step": start}
     with writer.as_default():
-        for step in range(start + 1, total_steps + 1):
-            metrics = {k: float(v) for k, v in train_step(batches).items()}
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + v
-            seen += global_batch
-            if step % cfg.train.checkpoint_every == 0:
-                manager.save(checkpoint_number=step)
-            if step % cfg.train.log_every == 0 or step == total_steps:
-                rate = seen / (time.perf_counter() - t0)
-                means = {k: v / sums["examples"] for k, v in sums.items() if k != "examples"}
-                lr = float(optimizer.learning_rate)
-                for k, v in {**means, "learning_rate": lr, "examples_per_second": rate}.items():
-                    tf.summary.scalar(k, v, step=step)
-                bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.3f}", ex_s=f"{rate:.0f}")
-                result = {"step": step, **means, "examples_per_second": rate}
-                sums, t0, seen = {}, time.perf_counter(), 0
-            if chief and (step % cfg.train.checkpoint_every == 0 or step == total_steps):
-                log_reconstructions(model, preview, step)
-            bar.update(1)
-            if test_digits is not None and (step % steps_per_epoch == 0 or step == total_steps):
-                ev = score(model, make_dataset(cfg.data, test_digits, "test", 100, cfg.train.seed,
-                                               limit=cfg.train.eval_examples))
-                tf.summary.scalar("test_accuracy", ev["accuracy"], step=step)
-                log(f"step {step} (epoch {step / steps_per_epoch:.2f}): test accuracy "
-                    f"{ev['accuracy']:.4f} on {ev['examples']} examples")
-                result["test_accuracy"] = ev["accuracy"]
-        final = int(optimizer.iterations.numpy())
-        if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{final}"):
-            manager.save(checkpoint_number=final)
+        try:
+            for step in range(start + 1, total_steps + 1):
+                metrics = {k: float(v) for k, v in train_step(batches).items()}
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                seen += global_batch
+                if step % cfg.train.checkpoint_every == 0:
+                    manager.save(checkpoint_number=step)
+                if step % cfg.train.log_every == 0 or step == total_steps:
+                    rate = seen / (time.perf_counter() - t0)
+                    means = {k: v / sums["examples"] for k, v in sums.items() if k != "examples"}
+                    lr = float(optimizer.learning_rate)
+                    for k, v in {**means, "learning_rate": lr, "examples_per_second": rate}.items():
+                        tf.summary.scalar(k, v, step=step)
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.3f}", ex_s=f"{rate:.0f}")
+                    result = {"step": step, **means, "examples_per_second": rate}
+                    sums, t0, seen = {}, time.perf_counter(), 0
+                if chief and (step % cfg.train.checkpoint_every == 0 or step == total_steps):
+                    log_reconstructions(model, preview, step)
+                bar.update(1)
+                if test_digits is not None and (step % steps_per_epoch == 0 or step == total_steps):
+                    ev = score(model, make_dataset(cfg.data, test_digits, "test", 100, cfg.train.seed,
+                                                   limit=cfg.train.eval_examples))
+                    tf.summary.scalar("test_accuracy", ev["accuracy"], step=step)
+                    log(f"step {step} (epoch {step / steps_per_epoch:.2f}): test accuracy "
+                        f"{ev['accuracy']:.4f} on {ev['examples']} examples")
+                    result["test_accuracy"] = ev["accuracy"]
+        except KeyboardInterrupt:  # keep every finished step, then stop
+            save_latest(manager, optimizer)
+            raise
+        save_latest(manager, optimizer)
     bar.close()
     if not chief:  # workers save only because saving is collective; their copies are scratch
         shutil.rmtree(checkpoint_dir(model_dir, strategy, chief), ignore_errors=True)
     return result
+
+
+def save_latest(manager, optimizer):
+    """Checkpoints the current step unless the newest checkpoint already holds it."""
+    step = int(optimizer.iterations.numpy())
+    if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{step}"):
+        manager.save(checkpoint_number=step)
 
 
 def make_train_step(model, optimizer, strategy, global_batch, jit_step):

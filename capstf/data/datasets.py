@@ -232,8 +232,6 @@ def make_dataset(cfg, digits: Digits, split: str, batch_size: int, seed: int,
     """
     s = spec(cfg.dataset)
     train = split == "train"
-    if train and cfg.augment == "affine" and s.digits_per_image == 1:
-        s = s._replace(draw=_draw_affine, render=_render_affine)
     n = len(digits.labels)
     images = tf.constant(digits.images)
     tables = _index_tables(digits.labels)
