@@ -43,7 +43,7 @@ def main():
     results = {"batch": args.batch, "examples_per_s": {}}
     for dataset, recipe, split in RUNS:
         cfg = config_lib.resolve(recipe, {"data.dataset": dataset})
-        it = iter(make_dataset(cfg.data, digits[split], split, args.batch, seed=0))
+        it = iter(make_dataset(cfg.data, digits[split], split, args.batch, seed=0).repeat())
         first = next(it)  # builds and warms the pipeline
         start = time.perf_counter()
         for _ in range(args.batches):

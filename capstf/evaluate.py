@@ -61,7 +61,7 @@ def evaluate(model_dir, dataset=None, data_dir=None, split="test", limit=0,
     if partners_per_digit:
         cfg.data.partners_per_digit = partners_per_digit
     model, step = restore_for_inference(model_dir, cfg)
-    digits = load_digits(cfg.data.data_dir, split)
+    digits = load_digits(cfg.data.data_dir, split, dataset)
     data = make_dataset(cfg.data, digits, split, batch_size, cfg.train.seed, limit=limit)
     metrics = {"dataset": dataset, "split": split, "step": step, **score(model, data)}
     if dataset == "multimnist":

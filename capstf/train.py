@@ -109,13 +109,12 @@ def train(cfg, model_dir, quiet=None) -> dict:
     strategy = make_strategy(cfg.train.distribute)
     jit, precision = device_defaults(cfg.train)
     chief = is_chief(strategy)
+    train_digits = load_digits(cfg.data.data_dir, "train")
+    test_digits = load_digits(cfg.data.data_dir, "test") if cfg.train.eval_examples else None
     prepare_model_dir(cfg, model_dir, chief)
     log = (lambda msg: None) if not chief else (lambda msg: tqdm.write(msg, file=sys.stdout))
     log(f"capstf: {cfg.recipe} on {strategy.num_replicas_in_sync} replica(s), jit={jit}, "
         f"precision={precision}, model dir {model_dir}")
-
-    train_digits = load_digits(cfg.data.data_dir, "train")
-    test_digits = load_digits(cfg.data.data_dir, "test") if cfg.train.eval_examples else None
     global_batch = cfg.train.batch_size
     if global_batch % strategy.num_replicas_in_sync:
         raise CapstfError(f"--batch-size {global_batch} must divide evenly over "

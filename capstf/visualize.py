@@ -90,7 +90,7 @@ def _load(model_dir, dataset, data_dir):
 
 
 def _examples(cfg, count, seed=0):
-    digits = load_digits(cfg.data.data_dir, "test")
+    digits = load_digits(cfg.data.data_dir, "test", cfg.data.dataset)
     return make_dataset(cfg.data, digits, "test", 100, seed, limit=max(count * 50, 500))
 
 

@@ -183,3 +183,21 @@ def test_images_and_labels_of_different_counts_are_refused(tmp_path):
 def test_missing_data_dir_names_the_ways_out():
     with pytest.raises(CapstfError, match="--data-dir sample"):
         load_digits("/nonexistent/mnist", "train")
+
+
+def test_real_affnist_files_are_read_as_they_are(tmp_path, test_digits):
+    from scipy.io import savemat
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(7, 40, 40), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=7)
+    # affNIST's layout: one row-major 40x40 image per column of a [1600, n] matrix
+    savemat(tmp_path / "test.mat", {"affNISTdata": {"image": images.reshape(7, 1600).T, "label_int": labels}})
+    digits = load_digits(str(tmp_path), "test", "affnist")
+    np.testing.assert_array_equal(digits.images, images)
+    np.testing.assert_array_equal(digits.labels, labels)
+    batch = take(DataConfig(dataset="affnist"), digits, "test", 7)
+    np.testing.assert_allclose(batch["image"][..., 0], images / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(batch["label"], labels)
+    (tmp_path / "test.mat").write_bytes(b"MATLAB 5.0 MAT-file, garbage")
+    with pytest.raises(CapstfError, match="not an affNIST .mat file"):
+        load_digits(str(tmp_path), "test", "affnist")

@@ -76,9 +76,12 @@ def test_multimnist_trains_and_scores_both_digits(tmp_path):
     (["train", "--dataset", "mnist", "--recipe", "nope"], "No recipe 'nope'"),
     (["evaluate", "--model-dir", "/no/such/model"], "no trained model"),
 ])
-def test_bad_input_gives_a_clear_error(args, message):
+def test_bad_input_gives_a_clear_error(args, message, tmp_path):
+    if args[0] == "train":
+        args = args + ["--model-dir", str(tmp_path / "run")]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # a failed start leaves nothing behind
 
 
 def test_unknown_dataset_is_a_usage_error():

@@ -232,6 +232,8 @@ def make_dataset(cfg, digits: Digits, split: str, batch_size: int, seed: int,
     """
     s = spec(cfg.dataset)
     train = split == "train"
+    if digits.images.shape[1] == s.canvas != DIGIT_SIZE:  # already rendered (real affNIST): use as is
+        s = s._replace(draw=_draw_single, render=_render_single)
     n = len(digits.labels)
     images = tf.constant(digits.images)
     tables = _index_tables(digits.labels)

@@ -16,7 +16,7 @@ def write_examples(dataset, data_dir, split, count, seed, out, png=None) -> dict
     if count < 1:
         raise CapstfError("--count must be at least 1.")
     cfg = config_lib.resolve(RECIPE_OF.get(dataset, dataset), {"data.dataset": dataset, "data.data_dir": data_dir})
-    digits = load_digits(cfg.data.data_dir, split)
+    digits = load_digits(cfg.data.data_dir, split, dataset)
     batch = next(iter(make_dataset(cfg.data, digits, split, count, seed, limit=count)))
     arrays = {k: v.numpy() for k, v in batch.items()}
     _writable(out)

@@ -29,8 +29,13 @@ class Digits(NamedTuple):
     labels: np.ndarray  # [n] int32
 
 
-def load_digits(data_dir: str, split: str) -> Digits:
-    """Loads one split. `data_dir`: "" or "tfds" for TFDS, "sample", or a folder of IDX files."""
+def load_digits(data_dir: str, split: str, dataset: str = "mnist") -> Digits:
+    """Loads one split. `data_dir`: "" or "tfds" for TFDS, "sample", or a folder of IDX files.
+
+    For dataset "affnist", a folder holding the real affNIST files (`test.mat` or
+    `test_batches/*.mat`; `training.mat` or `training_batches/*.mat`) gives their 40x40
+    digits as they are, instead of MNIST digits to be warped on the fly.
+    """
     if split not in IDX_FILES:
         raise CapstfError(f"Unknown split {split!r}; use one of {sorted(IDX_FILES)}.")
     if data_dir in ("", "tfds"):
@@ -38,6 +43,8 @@ def load_digits(data_dir: str, split: str) -> Digits:
     folder = SAMPLE_DIR if data_dir == "sample" else Path(data_dir)
     if not folder.is_dir():
         raise CapstfError(f"Data dir {str(folder)!r} does not exist. {OFFLINE_HINT}")
+    if dataset == "affnist" and affnist_files(folder, split):
+        return load_affnist(affnist_files(folder, split))
     images_name, labels_name = IDX_FILES[split]
     images = read_idx(_find(folder, images_name), IMAGES_MAGIC)
     labels = read_idx(_find(folder, labels_name), LABELS_MAGIC)
@@ -47,6 +54,30 @@ def load_digits(data_dir: str, split: str) -> Digits:
     if labels.max(initial=0) > 9:
         raise CapstfError(f"{folder}/{labels_name}: labels must be digits 0..9, found {labels.max()}.")
     return Digits(images, labels.astype(np.int32))
+
+
+def affnist_files(folder: Path, split: str):
+    name = {"train": "training", "test": "test"}[split]
+    whole = folder / f"{name}.mat"
+    return [whole] if whole.is_file() else sorted((folder / f"{name}_batches").glob("*.mat"))
+
+
+def load_affnist(paths) -> Digits:
+    """Real affNIST .mat files: struct affNISTdata with image [1600, n] and label_int [n]."""
+    from scipy.io import loadmat
+    images, labels = [], []
+    for path in paths:
+        try:
+            data = loadmat(path, squeeze_me=True, struct_as_record=False)["affNISTdata"]
+            pixels = np.asarray(data.image, np.uint8).T.reshape(-1, 40, 40)  # each column: a row-major image
+            label = np.atleast_1d(np.asarray(data.label_int)).astype(np.int32)
+        except Exception as e:  # scipy raises many types for a damaged or foreign file
+            raise CapstfError(f"{path}: not an affNIST .mat file ({type(e).__name__}: {e}).") from None
+        if len(pixels) != len(label):
+            raise CapstfError(f"{path}: {len(pixels)} images but {len(label)} labels.")
+        images.append(pixels)
+        labels.append(label)
+    return Digits(np.concatenate(images), np.concatenate(labels))
 
 
 def _find(folder: Path, name: str) -> Path:
