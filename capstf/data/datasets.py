@@ -121,7 +121,7 @@ def affine_warp(digits, params, canvas):
 
 def _uniform(key, seed, n):
     """n floats in [0, 1), a pure function of (seed, key)."""
-    return tf.random.stateless_uniform([n], seed=tf.stack([tf.cast(seed, tf.int64), key]))
+    return tf.random.stateless_uniform([n], seed=tf.stack([seed, key]))
 
 
 def _shift(u, max_shift):
@@ -242,14 +242,12 @@ def make_dataset(cfg, digits: Digits, split: str, batch_size: int, seed: int,
         total = min(total, limit)
     stop = np.iinfo(np.int64).max if train else total
     positions = tf.data.Dataset.range(start_example + pipeline_id, stop, num_pipelines)
-    salt = seed * 2 + (0 if train else 1)  # train and test streams never share randomness
-
-    salt_t = tf.constant(salt, tf.int64)
+    salt = tf.constant(seed * 2 + (0 if train else 1), tf.int64)  # train and test never share randomness
 
     def draw(position):
         if train:  # each epoch is a fresh stateless permutation of the digits
             epoch, i = position // n, position % n
-            digit = tf.random.experimental.index_shuffle(i, tf.stack([salt_t, epoch]), n - 1)
+            digit = tf.random.experimental.index_shuffle(i, tf.stack([salt, epoch]), n - 1)
         else:
             digit = position // cfg.partners_per_digit if s.digits_per_image == 2 else position
         params = s.draw(tf.cast(digit, tf.int32), position, salt, tables, cfg, train)
