@@ -201,3 +201,27 @@ def test_real_affnist_files_are_read_as_they_are(tmp_path, test_digits):
     (tmp_path / "test.mat").write_bytes(b"MATLAB 5.0 MAT-file, garbage")
     with pytest.raises(CapstfError, match="not an affNIST .mat file"):
         load_digits(str(tmp_path), "test", "affnist")
+
+
+def test_each_epoch_shifts_every_digit_afresh(train_digits):
+    from capstf.data.sources import Digits
+    few = Digits(train_digits.images[::500], train_digits.labels[::500])  # 10 digits: short epochs
+    batch = take(DataConfig(dataset="mnist", max_shift=2), few, "train", 40)  # 4 epochs
+    shifts = {}
+    for image in batch["image"][..., 0]:
+        index, dy, dx = find_shift(image, few, 2)
+        shifts.setdefault(index, []).append((dy, dx))
+    assert sorted(shifts) == list(range(10)) and all(len(s) == 4 for s in shifts.values())
+    assert sum(len(set(s)) > 1 for s in shifts.values()) >= 8  # nearly every digit moved between epochs
+
+
+def test_drawn_affine_parameters_stay_in_their_ranges():
+    from capstf.data.datasets import _draw_affine
+    cfg = DataConfig(dataset="affnist", max_rotation_deg=20, max_shear=0.2, min_scale=0.8, max_scale=1.2)
+    seed = tf.constant(3, tf.int64)
+    draws = [_draw_affine(tf.constant(0), tf.constant(k, tf.int64), seed, None, cfg, False) for k in range(300)]
+    values = {key: np.array([float(d[key]) for d in draws]) for key in ("angle", "shear", "scale_x", "scale_y", "tx")}
+    for key, (low, high) in {"angle": (-20, 20), "shear": (-0.2, 0.2), "scale_x": (0.8, 1.2),
+                             "scale_y": (0.8, 1.2), "tx": (0, 1)}.items():
+        assert values[key].min() >= low and values[key].max() <= high
+        assert values[key].max() - values[key].min() > 0.8 * (high - low)  # the whole range is used
