@@ -6,11 +6,16 @@ import sys
 
 import click
 
+from capstf.config import CHOICES, DATASETS, TRAINABLE
 from capstf.errors import CapstfError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the terminal
-DATASETS = ["mnist", "multimnist", "expanded-mnist", "affnist"]
-TRAINABLE = ["mnist", "multimnist", "expanded-mnist"]
+TRAIN_FLAGS = {  # flag -> the setting it overrides
+    "epochs": "train.epochs", "steps": "train.steps", "batch_size": "train.batch_size",
+    "learning_rate": "train.learning_rate", "routing_iters": "model.routing_iters", "seed": "train.seed",
+    "jit": "train.jit", "precision": "train.precision", "distribute": "train.distribute",
+    "checkpoint_every": "train.checkpoint_every", "eval_examples": "train.eval_examples",
+    "data_dir": "data.data_dir"}
 
 
 def clear_errors(command):
@@ -50,9 +55,9 @@ def main():
 @click.option("--learning-rate", type=float)
 @click.option("--routing-iters", type=int)
 @click.option("--seed", type=int)
-@click.option("--jit", type=click.Choice(["auto", "routing", "step", "off"]), help="What XLA compiles.")
-@click.option("--precision", type=click.Choice(["auto", "float32", "mixed_bfloat16", "mixed_float16"]))
-@click.option("--distribute", type=click.Choice(["auto", "mirrored", "multi-worker", "one-device"]))
+@click.option("--jit", type=click.Choice(CHOICES["train.jit"]), help="What XLA compiles.")
+@click.option("--precision", type=click.Choice(CHOICES["train.precision"]))
+@click.option("--distribute", type=click.Choice(CHOICES["train.distribute"]))
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints.")
 @click.option("--eval-examples", type=int, help="Test examples scored after each epoch (0: none).")
 @click.option("--no-decoder", is_flag=True, help="Train without the reconstruction decoder.")
@@ -60,17 +65,12 @@ def main():
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any setting, e.g. --set train.decay_rate=0.9.")
 @click.option("--cpu-devices", type=int, default=0, help="Split the CPU into N logical devices (for --distribute mirrored tests).")
 @clear_errors
-def train(dataset, recipe, data_dir, model_dir, runlocal, settings, cpu_devices, no_decoder, **flags):
+def train(dataset, recipe, model_dir, runlocal, settings, cpu_devices, no_decoder, **flags):
     """Train a model (resumes from the newest checkpoint in --model-dir)."""
     from capstf import config as config_lib
-    overrides = {f"train.{k}": v for k, v in flags.items()
-                 if v is not None and k not in ("routing_iters",)}
-    if flags["routing_iters"] is not None:
-        overrides["model.routing_iters"] = flags["routing_iters"]
+    overrides = {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
     if flags["steps"] is None and flags["epochs"] is not None:
-        overrides["train.steps"] = 0
-    if data_dir is not None:
-        overrides["data.data_dir"] = data_dir
+        overrides["train.steps"] = 0  # --epochs wins over a recipe's step count
     if no_decoder:
         overrides["model.decoder"] = False
     for item in settings:

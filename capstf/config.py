@@ -11,8 +11,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-from capstf.data.datasets import SPECS, spec
 from capstf.errors import CapstfError
+
+DATASETS = ("mnist", "multimnist", "expanded-mnist", "affnist")  # as capstf.data.datasets.SPECS
+TRAINABLE = ("mnist", "multimnist", "expanded-mnist")  # affnist is a test set only
 
 
 @dataclasses.dataclass
@@ -149,7 +151,7 @@ CHOICES = {"train.jit": ("auto", "routing", "step", "off"),
            "train.precision": ("auto", "float32", "mixed_bfloat16", "mixed_float16"),
            "train.distribute": ("auto", "mirrored", "multi-worker", "one-device"),
            "model.kind": ("capsnet", "baseline"),
-           "data.dataset": tuple(SPECS)}
+           "data.dataset": DATASETS}
 
 
 def validate(cfg: Config):
@@ -170,6 +172,7 @@ def validate(cfg: Config):
         raise CapstfError("Train for a positive number of --steps or --epochs.")
     if not 0 < cfg.train.learning_rate < 1:
         raise CapstfError(f"train.learning_rate must be in (0, 1), got {cfg.train.learning_rate}.")
+    from capstf.data.datasets import spec  # imports TensorFlow: not at CLI start-up
     data_spec = spec(cfg.data.dataset)
     cfg.model.input_size = data_spec.canvas
     cfg.model.digits_per_image = data_spec.digits_per_image

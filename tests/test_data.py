@@ -225,3 +225,9 @@ def test_drawn_affine_parameters_stay_in_their_ranges():
                              "scale_y": (0.8, 1.2), "tx": (0, 1)}.items():
         assert values[key].min() >= low and values[key].max() <= high
         assert values[key].max() - values[key].min() > 0.8 * (high - low)  # the whole range is used
+
+
+def test_config_names_every_data_set():
+    from capstf.config import DATASETS
+    from capstf.data.datasets import SPECS
+    assert tuple(SPECS) == DATASETS
