@@ -3,7 +3,6 @@
 Read `train` top to bottom: set up the device strategy and data, build the model and
 optimizer under the strategy, resume from the newest checkpoint, then loop over steps.
 """
-import json
 import math
 import os
 import shutil

@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from capstf.config import DataConfig
-from capstf.data.datasets import affine_warp, ink_box, make_dataset, translate
+from capstf.data.datasets import affine_warp, ink_box, make_dataset
 from capstf.data.sources import load_digits
 from capstf.errors import CapstfError
 

@@ -13,7 +13,7 @@ from capstf import config as config_lib
 from capstf.cli import main
 from capstf.errors import CapstfError
 from capstf.evaluate import evaluate
-from capstf.train import build_state, restore_for_inference, train
+from capstf.train import restore_for_inference, train
 
 
 def weights(model_dir, cfg):
