@@ -231,3 +231,17 @@ def test_config_names_every_data_set():
     from capstf.config import DATASETS
     from capstf.data.datasets import SPECS
     assert tuple(SPECS) == DATASETS
+
+
+def test_offline_tfds_fails_fast_naming_the_ways_out(monkeypatch, tmp_path):
+    import socket
+    import time
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network is unreachable")
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # no prepared copy there
+    start = time.perf_counter()
+    with pytest.raises(CapstfError, match="--data-dir sample") as error:
+        load_digits("", "train")
+    assert "storage.googleapis.com" in str(error.value) and time.perf_counter() - start < 5
