@@ -43,7 +43,7 @@ def check_dataset_fits(cfg, dataset, model_dir):
     if dataset not in SPECS:
         raise CapstfError(f"Unknown data set {dataset!r}; choose one of {', '.join(SPECS)}.")
     if spec(dataset).canvas != cfg.model.input_size or spec(dataset).digits_per_image != cfg.model.digits_per_image:
-        raise CapstfError(f"{model_dir} holds a model trained on {config_lib.load_saved(model_dir).data.dataset} "
+        raise CapstfError(f"{model_dir} holds a model trained on {cfg.data.dataset} "
                           f"({cfg.model.input_size}x{cfg.model.input_size}); it cannot take {dataset}.")
 
 

@@ -22,7 +22,6 @@ from capstf.errors import CapstfError
 
 ONNX_OPSET = 17
 TOLERANCE = 1e-4
-OUTPUTS = ("probabilities", "classes", "capsules", "reconstructions")
 
 
 class ServingModule(tf.Module):

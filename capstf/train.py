@@ -214,15 +214,11 @@ def make_train_step(model, optimizer, strategy, global_batch, jit_step):
 
 def log_reconstructions(model, batch, step):
     """TensorBoard image: `capstf visualize reconstructions`' sheet for a fixed batch."""
-    from capstf.visualize import reconstruction_sheet
-    out = model(batch["image"], training=False)
-    if "reconstructions" not in out:
-        return
-    k = out["reconstructions"].shape[1]
-    labels = tf.reshape(batch["label"], [tf.shape(batch["label"])[0], -1])
-    predictions = tf.math.top_k(out["probabilities"], k).indices
-    sheet = reconstruction_sheet(batch["image"].numpy(), out["reconstructions"].numpy(), labels.numpy(), predictions.numpy())
-    tf.summary.image("reconstructions", np.asarray(sheet)[None], step=step)
+    from capstf.visualize import predict_batch, reconstruction_sheet
+    out, labels, predictions = predict_batch(model, model.cfg.digits_per_image, batch)
+    if "reconstructions" in out:
+        sheet = reconstruction_sheet(batch["image"].numpy(), out["reconstructions"].numpy(), labels, predictions)
+        tf.summary.image("reconstructions", np.asarray(sheet)[None], step=step)
 
 
 # --------------------------------------------------------------------------- model dir

@@ -79,8 +79,8 @@ def _load(model_dir, dataset, data_dir):
     from capstf.evaluate import check_dataset_fits
     from capstf.train import restore_for_inference
     cfg = config_lib.load_saved(model_dir)
+    check_dataset_fits(cfg, dataset or cfg.data.dataset, model_dir)
     cfg.data.dataset = dataset or cfg.data.dataset
-    check_dataset_fits(cfg, cfg.data.dataset, model_dir)
     if data_dir is not None:
         cfg.data.data_dir = data_dir
     if cfg.model.kind != "capsnet" or not cfg.model.decoder:
@@ -105,7 +105,8 @@ def _save(image, out):
     return {"out": str(out), "width": image.width, "height": image.height}
 
 
-def _predict(model, k, batch):
+def predict_batch(model, k, batch):
+    """(model outputs, labels [n, k], the k longest capsules [n, k]) for a batch."""
     out = model(batch["image"])
     predictions = tf.math.top_k(out["probabilities"], k).indices.numpy()
     labels = tf.reshape(batch["label"], [len(predictions), -1]).numpy()
@@ -117,7 +118,7 @@ def reconstructions(model_dir, out, dataset=None, data_dir=None, count=20):
     cfg, model = _load(model_dir, dataset, data_dir)
     wrong, right = [], []
     for batch in _examples(cfg, count):
-        result, labels, predictions = _predict(model, cfg.model.digits_per_image, batch)
+        result, labels, predictions = predict_batch(model, cfg.model.digits_per_image, batch)
         for i in range(len(labels)):
             item = (batch["image"][i].numpy(), result["reconstructions"][i].numpy(), labels[i], predictions[i])
             (wrong if set(labels[i]) != set(predictions[i]) else right).append(item)
@@ -156,6 +157,6 @@ def multimnist(model_dir, out, dataset=None, data_dir=None, count=16):
     if cfg.model.digits_per_image != 2:
         raise CapstfError(f"{model_dir} holds a model for {cfg.data.dataset}, not multimnist.")
     batch = next(iter(_examples(cfg, count)))
-    result, labels, predictions = _predict(model, 2, batch)
+    result, labels, predictions = predict_batch(model, 2, batch)
     return _save(overlay_sheet(batch["image"].numpy()[:count], result["reconstructions"].numpy()[:count],
                                labels[:count], predictions[:count]), out)

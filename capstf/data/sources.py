@@ -43,8 +43,9 @@ def load_digits(data_dir: str, split: str, dataset: str = "mnist") -> Digits:
     folder = SAMPLE_DIR if data_dir == "sample" else Path(data_dir)
     if not folder.is_dir():
         raise CapstfError(f"Data dir {str(folder)!r} does not exist. {OFFLINE_HINT}")
-    if dataset == "affnist" and affnist_files(folder, split):
-        return load_affnist(affnist_files(folder, split))
+    real_affnist = affnist_files(folder, split) if dataset == "affnist" else []
+    if real_affnist:
+        return load_affnist(real_affnist)
     images_name, labels_name = IDX_FILES[split]
     images = read_idx(_find(folder, images_name), IMAGES_MAGIC)
     labels = read_idx(_find(folder, labels_name), LABELS_MAGIC)
