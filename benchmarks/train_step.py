@@ -5,13 +5,19 @@
 Variants (each timed in turn, several rounds): xla_routing (routing compiled), plain (graph mode), xla_step (whole step compiled),
 bf16 (mixed_bfloat16 convolutions + XLA routing). The profile times, at 28x28 float32, the
 forward pass, forward+backward, the routing alone and the optimizer update, to show where a
-step's time goes. Compare with ../shared/bench/reference_step.py run right after this one, on
-a quiet machine: absolute times drift between machines.
+step's time goes.
+
+Absolute times drift 2-3x on shared machines, so where ../shared/bench/reference_step.py exists
+(or --reference PATH), it runs once between rounds and the JSON gives our 28x28 images/s as
+ratios to it (best to best, median to median).
 """
 import argparse
 import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
@@ -19,7 +25,7 @@ import tensorflow as tf  # noqa: E402
 from capstf.config import ModelConfig, TrainConfig  # noqa: E402
 from capstf.config import Config, DataConfig  # noqa: E402
 from capstf.model.routing import route_by_agreement, route_by_agreement_xla  # noqa: E402
-from capstf.train import build_state, make_train_step  # noqa: E402
+from capstf.train import build_state, make_strategy, make_train_step  # noqa: E402
 
 VARIANTS = {  # name -> (jit, precision)
     "xla_routing": ("routing", "float32"),
@@ -40,7 +46,7 @@ def timed(fn, steps, warmup=2):
 
 def setup(size, jit, precision, batch):
     cfg = Config(DataConfig(), ModelConfig(input_size=size), TrainConfig(batch_size=batch, jit=jit, precision=precision))
-    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    strategy = make_strategy("one-device")  # the device defaults `capstf train` uses
     with strategy.scope():
         model, optimizer, _ = build_state(cfg, jit, precision)
     images = tf.random.uniform([batch, size, size, 1])
@@ -79,6 +85,14 @@ def profile(batch, steps):
         ("optimizer_update_s", apply), ("full_step_s", lambda: step(data))]}
 
 
+DEFAULT_REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "bench" / "reference_step.py"
+
+
+def reference_images_per_s(path):
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["reference_images_per_s"]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="28,36")
@@ -86,6 +100,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=4, help="Timed steps per variant, interleaved.")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--reference", default=str(DEFAULT_REFERENCE) if DEFAULT_REFERENCE.exists() else "",
+                        help="A reference step script printing reference_images_per_s; '' for none.")
     args = parser.parse_args()
     # Shared machines drift by 2-3x within minutes: interleave variants, report best and median.
     steps = {}
@@ -95,14 +111,23 @@ def main():
             tf.nest.map_structure(lambda t: t.numpy(), step(data))  # compile
             steps[f"{size}x{size}/{name}"] = (lambda step=step, data=data: step(data))
     times = {key: [] for key in steps}
+    reference = []
     for round_ in range(args.rounds):
+        if args.reference:
+            reference.append(reference_images_per_s(args.reference))
         for key, fn in steps.items():
             if key.endswith("xla_step") and round_:  # XLA's CPU convolutions: one slow step is enough
                 continue
             times[key].append(timed(fn, 1, warmup=0))
-    results = {"batch": args.batch, "rounds": args.rounds,
-               "images_per_s_best": {k: round(args.batch / min(v), 1) for k, v in times.items()},
-               "images_per_s_median": {k: round(args.batch / sorted(v)[len(v) // 2], 1) for k, v in times.items()}}
+    best = {k: round(args.batch / min(v), 1) for k, v in times.items()}
+    median = {k: round(args.batch / sorted(v)[len(v) // 2], 1) for k, v in times.items()}
+    results = {"batch": args.batch, "rounds": args.rounds, "images_per_s_best": best, "images_per_s_median": median}
+    if reference:
+        ref_best, ref_median = max(reference), sorted(reference)[len(reference) // 2]
+        results["reference_images_per_s"] = {"best": round(ref_best, 1), "median": round(ref_median, 1)}
+        results["ratio_to_reference"] = {
+            k: {"best": round(best[k] / ref_best, 2), "median": round(median[k] / ref_median, 2)}
+            for k in best if k.startswith("28x28/")}
     if not args.no_profile:
         results["profile_28x28_float32_s"] = profile(args.batch, args.rounds)
     print(json.dumps(results))

@@ -60,11 +60,24 @@ def make_strategy(kind: str) -> tf.distribute.Strategy:
             raise CapstfError("--distribute multi-worker needs TF_CONFIG describing the cluster "
                               "(see README, 'Many machines').")
         return tf.distribute.MultiWorkerMirroredStrategy()
+    if kind != "mirrored" and not tf.config.list_physical_devices("GPU"):
+        run_one_op_at_a_time()  # before listing logical devices, which starts TF
     gpus = tf.config.list_logical_devices("GPU")
     if kind == "mirrored" or (kind == "auto" and len(gpus) > 1):
         devices = [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
         return tf.distribute.MirroredStrategy(devices)
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+
+
+def run_one_op_at_a_time():
+    """One CPU device: each convolution already uses every core, and two at once (a backward's
+    input and kernel gradients) fight over them; one at a time made float32 steps 5% (best) to
+    9% (median) faster in benchmarks/train_step.py. Not for several replicas, which must run
+    side by side. Too late once TF has started (tests, notebooks): then TF's pools stay."""
+    try:
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        pass
 
 
 def is_chief(strategy) -> bool:

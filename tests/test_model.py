@@ -126,8 +126,8 @@ def test_mixed_bfloat16_keeps_capsules_in_float32():
 @pytest.mark.parametrize("stride,size", [(1, 13), (2, 13), (2, 14)])  # 14: the last row is unused
 def test_conv_gradients_equal_tensorflows_own(stride, size):
     from capstf.model.capsnet import conv2d_valid
-    x = tf.random.normal([2, size, size, 3], seed=6)
-    kernel = tf.random.normal([9, 9, 3, 4], seed=7)
+    x = tf.random.normal([2, size, size, 16], seed=6)
+    kernel = tf.random.normal([9, 9, 16, 4], seed=7)
     results = []
     for conv in (conv2d_valid, lambda a, k, s: tf.nn.conv2d(a, k, s, "VALID")):
         with tf.GradientTape() as tape:

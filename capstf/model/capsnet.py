@@ -10,6 +10,7 @@ from capstf.model import losses
 from capstf.model.routing import capsule_length, route_by_agreement, route_by_agreement_xla, squash
 
 KERNEL = 9  # both convolutions, as in the paper
+MIN_CHANNELS_FOR_DILATED_GRADIENT = 16
 
 
 def conv2d_valid(x, kernel, stride):
@@ -20,8 +21,12 @@ def conv2d_valid(x, kernel, stride):
     gradient, dilated by the stride. TF's Conv2DBackpropFilter ran this at 1.5x (float32) and
     2.3x (bfloat16) the time of the dilated convolution on this project's AVX512 CPUs (PrimaryCaps,
     batch 128; `benchmarks/train_step.py` shows the whole step). The forward pass and the input
-    gradient stay TF's own.
+    gradient stay TF's own. Inputs with few channels (Conv1's image) keep TF's kernel gradient:
+    their channels would be that convolution's batch, and one is too few (2x slower, measured).
     """
+    if x.shape[-1] < MIN_CHANNELS_FOR_DILATED_GRADIENT:
+        return tf.nn.conv2d(x, kernel, stride, "VALID")
+
     @tf.custom_gradient
     def conv(x, kernel):
         def grad(dy):
