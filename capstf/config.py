@@ -51,6 +51,7 @@ class TrainConfig:
     epochs: float = 10.0
     steps: int = 0                   # if > 0, overrides epochs
     learning_rate: float = 1e-3
+    schedule: str = "exponential"    # exponential | cosine (from learning_rate to 0 over the run)
     decay_rate: float = 0.96         # exponential decay: lr * decay_rate ** (step / decay_steps)
     decay_steps: int = 2000
     seed: int = 0
@@ -150,6 +151,7 @@ def _parse(key, text, kind):
 CHOICES = {"train.jit": ("auto", "routing", "step", "off"),
            "train.precision": ("auto", "float32", "mixed_bfloat16", "mixed_float16"),
            "train.distribute": ("auto", "mirrored", "multi-worker", "one-device"),
+           "train.schedule": ("exponential", "cosine"),
            "model.kind": ("capsnet", "baseline"),
            "data.dataset": DATASETS}
 

@@ -89,12 +89,15 @@ def is_chief(strategy) -> bool:
 
 # ------------------------------------------------------------------ model, optimizer, state
 
-def build_state(cfg, jit, precision):
+def build_state(cfg, jit, precision, total_steps=1):
     """Model, optimizer and checkpoint (to be called under strategy.scope())."""
     keras.utils.set_random_seed(cfg.train.seed)
     model = build_model(cfg.model, jit_routing=(jit == "routing"), precision=precision)
-    schedule = keras.optimizers.schedules.ExponentialDecay(
-        cfg.train.learning_rate, cfg.train.decay_steps, cfg.train.decay_rate)
+    if cfg.train.schedule == "cosine":
+        schedule = keras.optimizers.schedules.CosineDecay(cfg.train.learning_rate, total_steps)
+    else:
+        schedule = keras.optimizers.schedules.ExponentialDecay(
+            cfg.train.learning_rate, cfg.train.decay_steps, cfg.train.decay_rate)
     optimizer = keras.optimizers.Adam(schedule)
     if precision == "mixed_float16":  # float16 gradients underflow without loss scaling
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
@@ -135,7 +138,7 @@ def train(cfg, model_dir, quiet=None) -> dict:
     total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * steps_per_epoch)
 
     with strategy.scope():
-        model, optimizer, checkpoint = build_state(cfg, jit, precision)
+        model, optimizer, checkpoint = build_state(cfg, jit, precision, total_steps)
     manager = tf.train.CheckpointManager(
         checkpoint, str(checkpoint_dir(model_dir, strategy, chief)), cfg.train.keep_checkpoints)
     manager.restore_or_initialize()
@@ -153,6 +156,7 @@ def train(cfg, model_dir, quiet=None) -> dict:
     preview = next(iter(make_dataset(cfg.data, train_digits, "test", 8, cfg.train.seed)))
     writer = tf.summary.create_file_writer(str(model_dir / "train")) if chief else tf.summary.create_noop_writer()
     sums, t0, seen = {}, time.perf_counter(), 0
+    run_start, eval_seconds = t0, 0.0
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=quiet or not chief, dynamic_ncols=True)
     result = {"step": start}
     with writer.as_default():
@@ -177,11 +181,15 @@ def train(cfg, model_dir, quiet=None) -> dict:
                     log_reconstructions(model, preview, step)
                 bar.update(1)
                 if test_digits is not None and (step % steps_per_epoch == 0 or step == total_steps):
+                    eval_start = time.perf_counter()
                     ev = score(model, make_dataset(cfg.data, test_digits, "test", 100, cfg.train.seed,
                                                    limit=cfg.train.eval_examples))
                     tf.summary.scalar("test_accuracy", ev["accuracy"], step=step)
                     log(f"step {step} (epoch {step / steps_per_epoch:.2f}): test accuracy "
-                        f"{ev['accuracy']:.4f} on {ev['examples']} examples")
+                        f"{ev['accuracy']:.4f} on {ev['examples']} examples; trained "
+                        f"{eval_start - run_start - eval_seconds:.0f} s in this run")
+                    eval_seconds += time.perf_counter() - eval_start
+                    t0 += time.perf_counter() - eval_start  # examples/s counts training only
                     result["test_accuracy"] = ev["accuracy"]
         except KeyboardInterrupt:  # keep every finished step, then stop
             save_latest(manager, optimizer)

@@ -13,7 +13,7 @@ from capstf import config as config_lib
 from capstf.cli import main
 from capstf.errors import CapstfError
 from capstf.evaluate import evaluate
-from capstf.train import restore_for_inference, train
+from capstf.train import build_state, restore_for_inference, train
 
 
 def weights(model_dir, cfg):
@@ -51,6 +51,15 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert step_a == step_b == 6
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_cosine_schedule_falls_from_the_learning_rate_to_zero_over_the_run():
+    _, optimizer, _ = build_state(small_config(schedule="cosine", learning_rate=2e-3), "off", "float32", total_steps=10)
+    rates = []
+    for step in (0, 5, 10):
+        optimizer.iterations.assign(step)
+        rates.append(float(optimizer.learning_rate))
+    np.testing.assert_allclose(rates, [2e-3, 1e-3, 0.0], atol=1e-9)
 
 
 def test_incompatible_model_dir_is_refused(tmp_path):
