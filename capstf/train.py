@@ -90,7 +90,10 @@ def is_chief(strategy) -> bool:
 # ------------------------------------------------------------------ model, optimizer, state
 
 def build_state(cfg, jit, precision, total_steps=1):
-    """Model, optimizer and checkpoint (to be called under strategy.scope())."""
+    """Model, optimizer and checkpoint (to be called under strategy.scope()).
+
+    total_steps: the run's length, which the cosine schedule spans.
+    """
     keras.utils.set_random_seed(cfg.train.seed)
     model = build_model(cfg.model, jit_routing=(jit == "routing"), precision=precision)
     if cfg.train.schedule == "cosine":
@@ -188,8 +191,9 @@ def train(cfg, model_dir, quiet=None) -> dict:
                     log(f"step {step} (epoch {step / steps_per_epoch:.2f}): test accuracy "
                         f"{ev['accuracy']:.4f} on {ev['examples']} examples; trained "
                         f"{eval_start - run_start - eval_seconds:.0f} s in this run")
-                    eval_seconds += time.perf_counter() - eval_start
-                    t0 += time.perf_counter() - eval_start  # examples/s counts training only
+                    spent = time.perf_counter() - eval_start
+                    eval_seconds += spent
+                    t0 += spent  # examples/s counts training only
                     result["test_accuracy"] = ev["accuracy"]
         except KeyboardInterrupt:  # keep every finished step, then stop
             save_latest(manager, optimizer)
