@@ -48,11 +48,11 @@ def setup(size, jit, precision, batch):
     cfg = Config(DataConfig(), ModelConfig(input_size=size), TrainConfig(batch_size=batch, jit=jit, precision=precision))
     strategy = make_strategy("one-device")  # the device defaults `capstf train` uses
     with strategy.scope():
-        state = build_state(cfg, jit, precision)
+        model, optimizer, _ = build_state(cfg, jit, precision)
     images = tf.random.uniform([batch, size, size, 1])
     batch_data = {"image": images, "label": tf.random.uniform([batch], 0, 10, tf.int32)}
     data = iter(tf.data.Dataset.from_tensors(batch_data).repeat())
-    return state.model, state.optimizer, make_train_step(state, strategy, batch, jit == "step"), data, batch_data
+    return model, optimizer, make_train_step(model, optimizer, strategy, batch, jit == "step"), data, batch_data
 
 
 def profile(batch, steps):

@@ -22,8 +22,6 @@ class DataConfig:
     dataset: str = "mnist"           # mnist | multimnist | expanded-mnist | affnist
     data_dir: str = ""               # "" = TFDS; "sample" = bundled digits; or an IDX folder
     max_shift: int = 2               # training shift per axis, in pixels
-    train_max_rotation_deg: float = 0.0  # single-digit training: also rotate by up to this
-    train_max_scale_change: float = 0.0  # ... and scale by 1 +- up to this (0, 0: shifts only)
     partners_per_digit: int = 1000   # MultiMNIST test set size = test digits x this
     max_rotation_deg: float = 20.0   # affNIST-style test transforms
     max_shear: float = 0.2
@@ -56,7 +54,6 @@ class TrainConfig:
     schedule: str = "exponential"    # exponential | cosine (from learning_rate to 0 over the run)
     decay_rate: float = 0.96         # exponential decay: lr * decay_rate ** (step / decay_steps)
     decay_steps: int = 2000
-    ema_decay: float = 0.0           # > 0: evaluate and export a moving average of the weights
     seed: int = 0
     jit: str = "auto"                # routing | step | off | auto (fastest measured per device)
     precision: str = "auto"          # float32 | mixed_bfloat16 | mixed_float16 | auto
@@ -175,8 +172,6 @@ def validate(cfg: Config):
             raise CapstfError(f"{key} must be at least 1, got {value}.")
     if cfg.train.steps < 0 or cfg.train.epochs < 0 or (cfg.train.steps == 0 and cfg.train.epochs == 0):
         raise CapstfError("Train for a positive number of --steps or --epochs.")
-    if not 0 <= cfg.train.ema_decay < 1:
-        raise CapstfError(f"train.ema_decay must be in [0, 1) (0: no weight average), got {cfg.train.ema_decay}.")
     if not 0 < cfg.train.learning_rate < 1:
         raise CapstfError(f"train.learning_rate must be in (0, 1), got {cfg.train.learning_rate}.")
     from capstf.data.datasets import spec  # imports TensorFlow: not at CLI start-up
@@ -197,14 +192,11 @@ def load_saved(model_dir: Path) -> Config:
 
 
 def check_compatible(saved: Config, new: Config, model_dir):
-    """A model dir must not silently mix two experiments: the model, the data set and whether
-    checkpoints hold a weight average must match."""
-    a, b = dataclasses.asdict(saved.model), dataclasses.asdict(new.model)
-    diff = [f"model.{k}: {a[k]} -> {b[k]}" for k in a if a[k] != b[k]]
-    if saved.data.dataset != new.data.dataset:
-        diff.append(f"data.dataset: {saved.data.dataset} -> {new.data.dataset}")
-    if bool(saved.train.ema_decay) != bool(new.train.ema_decay):
-        diff.append(f"train.ema_decay: {saved.train.ema_decay} -> {new.train.ema_decay}")
-    if diff:
+    """A model dir must not silently mix two experiments: the model and data set must match."""
+    if saved.model != new.model or saved.data.dataset != new.data.dataset:
+        a, b = dataclasses.asdict(saved.model), dataclasses.asdict(new.model)
+        diff = [f"model.{k}: {a[k]} -> {b[k]}" for k in a if a[k] != b[k]]
+        if saved.data.dataset != new.data.dataset:
+            diff.append(f"data.dataset: {saved.data.dataset} -> {new.data.dataset}")
         raise CapstfError(f"{model_dir} holds a model trained with a different configuration "
                           f"({'; '.join(diff)}). Use another --model-dir, or the same settings.")

@@ -9,7 +9,6 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import NamedTuple, Optional
 
 import numpy as np
 import tensorflow as tf
@@ -90,25 +89,13 @@ def is_chief(strategy) -> bool:
 
 # ------------------------------------------------------------------ model, optimizer, state
 
-class State(NamedTuple):
-    model: keras.Model
-    optimizer: keras.optimizers.Optimizer
-    averaged: Optional[keras.Model]  # the moving average of model's weights (train.ema_decay)
-    checkpoint: tf.train.Checkpoint
-
-    @property
-    def for_inference(self) -> keras.Model:
-        return self.averaged or self.model
-
-
-def build_state(cfg, jit, precision, total_steps=1) -> State:
-    """Model, optimizer, weight average and checkpoint (to be called under strategy.scope()).
+def build_state(cfg, jit, precision, total_steps=1):
+    """Model, optimizer and checkpoint (to be called under strategy.scope()).
 
     total_steps: the run's length, which the cosine schedule spans.
     """
     keras.utils.set_random_seed(cfg.train.seed)
-    make_model = lambda: build_model(cfg.model, jit_routing=(jit == "routing"), precision=precision)
-    model = make_model()
+    model = build_model(cfg.model, jit_routing=(jit == "routing"), precision=precision)
     if cfg.train.schedule == "cosine":
         schedule = keras.optimizers.schedules.CosineDecay(cfg.train.learning_rate, total_steps)
     else:
@@ -118,35 +105,16 @@ def build_state(cfg, jit, precision, total_steps=1) -> State:
     if precision == "mixed_float16":  # float16 gradients underflow without loss scaling
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
-    parts = {"model": model, "optimizer": optimizer}
-    averaged = None
-    if cfg.train.ema_decay:
-        averaged = parts[AVERAGED] = make_model()
-        for average, weight in zip(averaged.weights, model.weights):
-            average.assign(weight)
-    return State(model, optimizer, averaged, tf.train.Checkpoint(**parts))
-
-
-AVERAGED = "averaged_model"  # the weight average's name in checkpoints
-
-
-def update_average(state: State, decay: float):
-    """average <- d * average + (1 - d) * weights, d warming up as (1 + t) / (10 + t) so that
-    the random initial weights do not linger (as tf.train.ExponentialMovingAverage does)."""
-    t = tf.cast(state.optimizer.iterations, tf.float32)
-    d = tf.minimum(decay, (1.0 + t) / (10.0 + t))
-    for average, weight in zip(state.averaged.weights, state.model.weights):
-        average.assign(d * average + (1.0 - d) * weight)
+    return model, optimizer, tf.train.Checkpoint(model=model, optimizer=optimizer)
 
 
 def restore_for_inference(model_dir, cfg):
-    """The model of the newest checkpoint in model_dir (its weight average if it was trained
-    with one), in float32 with plain-graph routing."""
+    """The model of the newest checkpoint in model_dir, in float32 with plain-graph routing."""
     latest = tf.train.latest_checkpoint(str(Path(model_dir) / "checkpoints"))
     if latest is None:
         raise CapstfError(f"{model_dir} has no checkpoint yet; train first.")
     model = build_model(cfg.model, jit_routing=False, precision="float32")
-    tf.train.Checkpoint(**{AVERAGED if cfg.train.ema_decay else "model": model}).restore(latest).expect_partial()
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     return model, int(latest.rsplit("-", 1)[1])
 
 
@@ -173,10 +141,9 @@ def train(cfg, model_dir, quiet=None) -> dict:
     total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * steps_per_epoch)
 
     with strategy.scope():
-        state = build_state(cfg, jit, precision, total_steps)
-    optimizer = state.optimizer
+        model, optimizer, checkpoint = build_state(cfg, jit, precision, total_steps)
     manager = tf.train.CheckpointManager(
-        state.checkpoint, str(checkpoint_dir(model_dir, strategy, chief)), cfg.train.keep_checkpoints)
+        checkpoint, str(checkpoint_dir(model_dir, strategy, chief)), cfg.train.keep_checkpoints)
     manager.restore_or_initialize()
     start = int(optimizer.iterations.numpy())
     if start:
@@ -187,7 +154,7 @@ def train(cfg, model_dir, quiet=None) -> dict:
                             cfg.train.seed, start_example=start * global_batch,
                             pipeline_id=ctx.input_pipeline_id, num_pipelines=ctx.num_input_pipelines)
     batches = iter(strategy.distribute_datasets_from_function(dataset_fn))
-    train_step = make_train_step(state, strategy, global_batch, jit == "step", cfg.train.ema_decay)
+    train_step = make_train_step(model, optimizer, strategy, global_batch, jit == "step")
 
     preview = next(iter(make_dataset(cfg.data, train_digits, "test", 8, cfg.train.seed)))
     writer = tf.summary.create_file_writer(str(model_dir / "train")) if chief else tf.summary.create_noop_writer()
@@ -214,11 +181,11 @@ def train(cfg, model_dir, quiet=None) -> dict:
                     result = {"step": step, **means, "examples_per_second": rate}
                     sums, t0, seen = {}, time.perf_counter(), 0
                 if chief and (step % cfg.train.checkpoint_every == 0 or step == total_steps):
-                    log_reconstructions(state.for_inference, preview, step)
+                    log_reconstructions(model, preview, step)
                 bar.update(1)
                 if test_digits is not None and (step % steps_per_epoch == 0 or step == total_steps):
                     eval_start = time.perf_counter()
-                    ev = score(state.for_inference, make_dataset(cfg.data, test_digits, "test", 100, cfg.train.seed,
+                    ev = score(model, make_dataset(cfg.data, test_digits, "test", 100, cfg.train.seed,
                                                    limit=cfg.train.eval_examples))
                     tf.summary.scalar("test_accuracy", ev["accuracy"], step=step)
                     log(f"step {step} (epoch {step / steps_per_epoch:.2f}): test accuracy "
@@ -245,11 +212,8 @@ def save_latest(manager, optimizer):
         manager.save(checkpoint_number=step)
 
 
-def make_train_step(state: State, strategy, global_batch, jit_step, ema_decay=0.0):
-    """One optimizer step on one batch per replica, then the weight average's update (if any);
-    returns metric sums over the global batch."""
-    model, optimizer = state.model, state.optimizer
-
+def make_train_step(model, optimizer, strategy, global_batch, jit_step):
+    """One optimizer step on one batch per replica; returns metric sums over the global batch."""
     @tf.function(jit_compile=jit_step)
     def replica_step(batch):
         with tf.GradientTape() as tape:
@@ -269,8 +233,6 @@ def make_train_step(state: State, strategy, global_batch, jit_step, ema_decay=0.
     @tf.function
     def step(iterator):
         per_replica = strategy.run(replica_step, args=(next(iterator),))
-        if state.averaged is not None:
-            update_average(state, ema_decay)
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
     return step
 

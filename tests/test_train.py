@@ -13,7 +13,7 @@ from capstf import config as config_lib
 from capstf.cli import main
 from capstf.errors import CapstfError
 from capstf.evaluate import evaluate
-from capstf.train import build_state, restore_for_inference, train, update_average
+from capstf.train import build_state, restore_for_inference, train
 
 
 def weights(model_dir, cfg):
@@ -31,48 +31,30 @@ def test_short_run_learns_and_evaluates(tmp_path):
     assert (tmp_path / "config.json").is_file() and list((tmp_path / "train").iterdir())
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
-def test_mirrored_over_two_devices_trains_like_one_device(tmp_path, ema_decay):
-    one = train(small_config(steps=4, log_every=1, ema_decay=ema_decay), tmp_path / "one", quiet=True)
-    two = train(small_config(steps=4, log_every=1, ema_decay=ema_decay, distribute="mirrored"),
-                tmp_path / "two", quiet=True)
+def test_mirrored_over_two_devices_trains_like_one_device(tmp_path):
+    one = train(small_config(steps=4, log_every=1), tmp_path / "one", quiet=True)
+    two = train(small_config(steps=4, log_every=1, distribute="mirrored"), tmp_path / "two", quiet=True)
     assert np.isclose(one["loss"], two["loss"], rtol=1e-3)
-    _, w_one = weights(tmp_path / "one", small_config(ema_decay=ema_decay))
-    _, w_two = weights(tmp_path / "two", small_config(ema_decay=ema_decay))
+    _, w_one = weights(tmp_path / "one", small_config())
+    _, w_two = weights(tmp_path / "two", small_config())
     for a, b in zip(w_one, w_two):
         np.testing.assert_allclose(a, b, atol=2e-5)
 
 
-@pytest.mark.parametrize("ema_decay", [0.0, 0.9])
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path, ema_decay):
-    run = lambda steps, name: train(small_config(steps=steps, checkpoint_every=3, ema_decay=ema_decay),
-                                    tmp_path / name, quiet=True)
-    run(6, "straight")
-    run(3, "resumed")
-    assert run(6, "resumed")["step"] == 6
-    step_a, a = weights(tmp_path / "straight", small_config(ema_decay=ema_decay))
-    step_b, b = weights(tmp_path / "resumed", small_config(ema_decay=ema_decay))
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
+    train(small_config(steps=6, checkpoint_every=3), tmp_path / "straight", quiet=True)
+    train(small_config(steps=3, checkpoint_every=3), tmp_path / "resumed", quiet=True)
+    resumed = train(small_config(steps=6, checkpoint_every=3), tmp_path / "resumed", quiet=True)
+    assert resumed["step"] == 6
+    step_a, a = weights(tmp_path / "straight", small_config())
+    step_b, b = weights(tmp_path / "resumed", small_config())
     assert step_a == step_b == 6
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, atol=1e-6)
-    if ema_decay:  # inference reads the average, which differs from the last weights
-        _, last = weights(tmp_path / "straight", small_config())
-        assert not np.allclose(a[0], last[0], atol=1e-6)
-
-
-def test_weight_average_warms_up_then_decays_at_the_set_rate():
-    state = build_state(small_config(ema_decay=0.5), "off", "float32")
-    average, weight = state.averaged.weights[0], state.model.weights[0]
-    for step, d in [(0, 0.1), (1000, 0.5)]:  # d = min(0.5, (1 + t) / (10 + t))
-        state.optimizer.iterations.assign(step)
-        average.assign(np.zeros(average.shape))
-        weight.assign(np.ones(weight.shape))
-        update_average(state, 0.5)
-        np.testing.assert_allclose(average.numpy(), 1 - d, rtol=1e-6)
 
 
 def test_cosine_schedule_falls_from_the_learning_rate_to_zero_over_the_run():
-    optimizer = build_state(small_config(schedule="cosine", learning_rate=2e-3), "off", "float32", total_steps=10).optimizer
+    _, optimizer, _ = build_state(small_config(schedule="cosine", learning_rate=2e-3), "off", "float32", total_steps=10)
     rates = []
     for step in (0, 5, 10):
         optimizer.iterations.assign(step)
@@ -86,8 +68,6 @@ def test_incompatible_model_dir_is_refused(tmp_path):
     cfg.model.routing_iters = 1
     with pytest.raises(CapstfError, match="routing_iters: 3 -> 1"):
         train(cfg, tmp_path, quiet=True)
-    with pytest.raises(CapstfError, match="ema_decay: 0.0 -> 0.9"):
-        train(small_config(steps=2, ema_decay=0.9), tmp_path, quiet=True)
 
 
 def test_multimnist_trains_and_scores_both_digits(tmp_path):
