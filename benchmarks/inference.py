@@ -8,6 +8,7 @@ Exports the model first if --export-dir holds no export yet. Uses real test digi
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ import tensorflow as tf  # noqa: E402
 from capstf import config as config_lib  # noqa: E402
 from capstf.data.datasets import make_dataset  # noqa: E402
 from capstf.data.sources import load_digits  # noqa: E402
+from capstf.errors import CapstfError  # noqa: E402
 from capstf.export import export  # noqa: E402
 from capstf.serving.client import predict_grpc  # noqa: E402
 from capstf.serving.server import start_server  # noqa: E402
@@ -77,4 +79,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except CapstfError as e:
+        sys.exit(f"error: {e}")

@@ -103,6 +103,9 @@ def main():
     parser.add_argument("--reference", default=str(DEFAULT_REFERENCE) if DEFAULT_REFERENCE.exists() else "",
                         help="A reference step script printing reference_images_per_s; '' for none.")
     args = parser.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown --variants {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     # Shared machines drift by 2-3x within minutes: interleave variants, report best and median.
     steps = {}
     for size in map(int, args.sizes.split(",")):
