@@ -22,6 +22,8 @@ class DataConfig:
     dataset: str = "mnist"           # mnist | multimnist | expanded-mnist | affnist
     data_dir: str = ""               # "" = TFDS; "sample" = bundled digits; or an IDX folder
     max_shift: int = 2               # training shift per axis, in pixels
+    train_max_rotation_deg: float = 0.0  # single-digit training: also rotate by up to this
+    train_max_scale_change: float = 0.0  # ... and scale by 1 +- up to this (0, 0: shifts only)
     partners_per_digit: int = 1000   # MultiMNIST test set size = test digits x this
     max_rotation_deg: float = 20.0   # affNIST-style test transforms
     max_shear: float = 0.2
@@ -98,7 +100,10 @@ def recipe_names():
 
 
 def load_recipe(name_or_path: str) -> dict:
-    """A recipe by name (a file in pipelines/, found also when pip-installed) or by path."""
+    """A recipe by name (a file in pipelines/, found also when pip-installed) or by path.
+
+    A recipe with `base = "NAME"` starts from recipe NAME and changes only the settings it lists.
+    """
     path = Path(name_or_path)
     if path.suffix == ".toml" and path.is_file():
         text = path.read_text()
@@ -111,6 +116,11 @@ def load_recipe(name_or_path: str) -> dict:
         recipe = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise CapstfError(f"Recipe {name_or_path}: {e}") from None
+    if "base" in recipe:
+        merged = load_recipe(recipe.pop("base"))
+        for table, values in recipe.items():
+            merged[table] = {**merged.get(table, {}), **values}
+        recipe = merged
     recipe["recipe"] = name_or_path
     return recipe
 
@@ -172,6 +182,9 @@ def validate(cfg: Config):
             raise CapstfError(f"{key} must be at least 1, got {value}.")
     if cfg.train.steps < 0 or cfg.train.epochs < 0 or (cfg.train.steps == 0 and cfg.train.epochs == 0):
         raise CapstfError("Train for a positive number of --steps or --epochs.")
+    if cfg.data.train_max_rotation_deg < 0 or not 0 <= cfg.data.train_max_scale_change < 1:
+        raise CapstfError("data.train_max_rotation_deg must be at least 0 and "
+                          "data.train_max_scale_change in [0, 1).")
     if not 0 < cfg.train.learning_rate < 1:
         raise CapstfError(f"train.learning_rate must be in (0, 1), got {cfg.train.learning_rate}.")
     from capstf.data.datasets import spec  # imports TensorFlow: not at CLI start-up

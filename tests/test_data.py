@@ -215,6 +215,32 @@ def test_each_epoch_shifts_every_digit_afresh(train_digits):
     assert sum(len(set(s)) > 1 for s in shifts.values()) >= 8  # nearly every digit moved between epochs
 
 
+def orientation_deg(image):
+    """The angle of an image's main ink axis (second moments), in degrees."""
+    y, x = np.mgrid[:image.shape[0], :image.shape[1]]
+    w = image / image.sum()
+    dx, dy = x - (w * x).sum(), y - (w * y).sum()
+    return np.degrees(0.5 * np.arctan2(2 * (w * dx * dy).sum(), (w * (dx * dx - dy * dy)).sum()))
+
+
+def test_training_rotation_and_scaling_stay_within_their_bounds(train_digits):
+    ones = train_digits.labels == 1  # long thin digits: a well-defined ink axis
+    from capstf.data.sources import Digits
+    digits = Digits(train_digits.images[ones], train_digits.labels[ones])
+    plain = take(DataConfig(dataset="mnist", max_shift=0), digits, "train", 200)
+    turned = take(DataConfig(dataset="mnist", max_shift=0, train_max_rotation_deg=15), digits, "train", 200)
+    scaled = take(DataConfig(dataset="mnist", max_shift=0, train_max_scale_change=0.2), digits, "train", 200)
+    np.testing.assert_array_equal(plain["label"], turned["label"])
+    turn = np.array([orientation_deg(b) - orientation_deg(a)
+                     for a, b in zip(plain["image"][..., 0], turned["image"][..., 0])])
+    turn = (turn + 90) % 180 - 90  # an axis, not a direction: 179 degrees is -1
+    assert np.all(np.abs(turn) < 15 + 2) and turn.max() - turn.min() > 25  # the whole range is used
+    area = scaled["image"].sum(axis=(1, 2, 3)) / plain["image"].sum(axis=(1, 2, 3))  # ~ scale^2
+    assert area.min() > 0.8 ** 2 - 0.05 and area.max() < 1.2 ** 2 + 0.05 and area.max() - area.min() > 0.5
+    test = take(DataConfig(dataset="mnist", train_max_rotation_deg=15), digits, "test", 20)
+    assert all(len(source_index(digits, image)) for image in test["image"][..., 0])  # test digits as they are
+
+
 def test_drawn_affine_parameters_stay_in_their_ranges():
     from capstf.data.datasets import _draw_affine
     cfg = DataConfig(dataset="affnist", max_rotation_deg=20, max_shear=0.2, min_scale=0.8, max_scale=1.2)

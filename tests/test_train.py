@@ -106,6 +106,16 @@ def test_recipes_are_found_and_runlocal_shrinks_them():
     assert local.model.input_size == 36 and local.model.conv1_filters < full.model.conv1_filters
 
 
+def test_a_recipe_with_a_base_changes_only_what_it_lists():
+    base, derived = config_lib.resolve("mnist-small"), config_lib.resolve("mnist-small-rotate-scale")
+    assert base.data.train_max_rotation_deg == 0 < derived.data.train_max_rotation_deg
+    assert derived.train.epochs == 2 * base.train.epochs and derived.recipe == "mnist-small-rotate-scale"
+    derived.data.train_max_rotation_deg = derived.data.train_max_scale_change = 0.0
+    derived.train.epochs, derived.recipe = base.train.epochs, base.recipe
+    assert derived == base
+    assert config_lib.resolve("mnist-small-rotate-scale", runlocal=True).train.steps == 20  # base's [runlocal]
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

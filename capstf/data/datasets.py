@@ -106,15 +106,25 @@ def affine_warp(digits, params, canvas):
     high = (canvas - 1.0) - tf.reduce_max(moved, 1)
     fraction = tf.stack([params["tx"], params["ty"]], 1)
     translation = tf.where(high >= low, low + fraction * (high - low), (low + high) / 2)
+    return warp(placed, forward, translation), forward, translation
+
+
+def warp(images, forward, translation):
+    """Applies x -> forward @ (x - centre) + centre + translation to [batch, n, n] images.
+
+    Bilinear, zeros outside; forward is [batch, 2, 2] on (x, y), translation [batch, 2].
+    """
+    n = images.shape[1]
+    centre = (n - 1) / 2.0
     # ImageProjectiveTransformV3 maps each output pixel back to its input pixel.
     inverse = tf.linalg.inv(forward)
     offset = centre - tf.einsum("bij,bj->bi", inverse, translation + centre)
     transforms = tf.concat([inverse[:, 0], offset[:, :1], inverse[:, 1], offset[:, 1:],
                             tf.zeros_like(offset)], 1)  # [b, 8]
     warped = tf.raw_ops.ImageProjectiveTransformV3(
-        images=placed[..., None], transforms=transforms, output_shape=[canvas, canvas],
+        images=images[..., None], transforms=transforms, output_shape=[n, n],
         fill_value=0.0, interpolation="BILINEAR", fill_mode="CONSTANT")
-    return warped[..., 0], forward, translation
+    return warped[..., 0]
 
 
 # ------------------------------------------------------------------- per-example randomness
@@ -131,8 +141,16 @@ def _shift(u, max_shift):
 
 def _draw_single(digit, key, seed, tables, cfg, train):
     max_shift = cfg.max_shift if (train or cfg.dataset == "expanded-mnist") else 0
-    u = _uniform(key, seed, 2)
-    return {"digit": digit, "dy": _shift(u[0], max_shift), "dx": _shift(u[1], max_shift)}
+    u = _uniform(key, seed, 4)
+    params = {"digit": digit, "dy": _shift(u[0], max_shift), "dx": _shift(u[1], max_shift)}
+    if train and _rotates_and_scales(cfg):
+        params["angle"] = (2 * u[2] - 1) * cfg.train_max_rotation_deg
+        params["scale"] = 1 + (2 * u[3] - 1) * cfg.train_max_scale_change
+    return params
+
+
+def _rotates_and_scales(cfg):
+    return cfg.train_max_rotation_deg > 0 or cfg.train_max_scale_change > 0
 
 
 def _draw_pair(digit, key, seed, tables, cfg, train):
@@ -167,6 +185,10 @@ def _gather_digits(images, index):
 def _render_single(batch, images, cfg, canvas):
     digits = _gather_digits(images, batch["digit"])
     placed = translate(digits, batch["dy"], batch["dx"], canvas, max(cfg.max_shift, 0))
+    if "angle" in batch:  # about the canvas centre, after the shift: off by < 1 pixel
+        no_shear = tf.zeros_like(batch["angle"])
+        forward = affine_matrices(batch["angle"], no_shear, batch["scale"], batch["scale"])
+        placed = warp(placed, forward, tf.zeros_like(forward[:, 0]))
     return {"image": placed[..., None], "label": batch["label"]}
 
 
