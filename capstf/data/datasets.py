@@ -143,14 +143,10 @@ def _draw_single(digit, key, seed, tables, cfg, train):
     max_shift = cfg.max_shift if (train or cfg.dataset == "expanded-mnist") else 0
     u = _uniform(key, seed, 4)
     params = {"digit": digit, "dy": _shift(u[0], max_shift), "dx": _shift(u[1], max_shift)}
-    if train and _rotates_and_scales(cfg):
+    if train and (cfg.train_max_rotation_deg > 0 or cfg.train_max_scale_change > 0):
         params["angle"] = (2 * u[2] - 1) * cfg.train_max_rotation_deg
         params["scale"] = 1 + (2 * u[3] - 1) * cfg.train_max_scale_change
     return params
-
-
-def _rotates_and_scales(cfg):
-    return cfg.train_max_rotation_deg > 0 or cfg.train_max_scale_change > 0
 
 
 def _draw_pair(digit, key, seed, tables, cfg, train):
@@ -185,7 +181,7 @@ def _gather_digits(images, index):
 def _render_single(batch, images, cfg, canvas):
     digits = _gather_digits(images, batch["digit"])
     placed = translate(digits, batch["dy"], batch["dx"], canvas, max(cfg.max_shift, 0))
-    if "angle" in batch:  # about the canvas centre, after the shift: off by < 1 pixel
+    if "angle" in batch:  # about the canvas centre: moves a digit shifted by 2 pixels < 1 pixel
         no_shear = tf.zeros_like(batch["angle"])
         forward = affine_matrices(batch["angle"], no_shear, batch["scale"], batch["scale"])
         placed = warp(placed, forward, tf.zeros_like(forward[:, 0]))
