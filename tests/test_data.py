@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from capstf.config import DataConfig
 from capstf.data.datasets import affine_warp, ink_box, make_dataset
-from capstf.data.sources import load_digits
+from capstf.data.sources import Digits, load_digits
 from capstf.errors import CapstfError
 
 
@@ -204,7 +204,6 @@ def test_real_affnist_files_are_read_as_they_are(tmp_path, test_digits):
 
 
 def test_each_epoch_shifts_every_digit_afresh(train_digits):
-    from capstf.data.sources import Digits
     few = Digits(train_digits.images[::500], train_digits.labels[::500])  # 10 digits: short epochs
     batch = take(DataConfig(dataset="mnist", max_shift=2), few, "train", 40)  # 4 epochs
     shifts = {}
@@ -225,7 +224,6 @@ def orientation_deg(image):
 
 def test_training_rotation_and_scaling_stay_within_their_bounds(train_digits):
     ones = train_digits.labels == 1  # long thin digits: a well-defined ink axis
-    from capstf.data.sources import Digits
     digits = Digits(train_digits.images[ones], train_digits.labels[ones])
     plain = take(DataConfig(dataset="mnist", max_shift=0), digits, "train", 200)
     turned = take(DataConfig(dataset="mnist", max_shift=0, train_max_rotation_deg=15), digits, "train", 200)
