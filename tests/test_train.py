@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from click.testing import CliRunner
 from conftest import small_config
 
@@ -13,7 +14,7 @@ from capstf import config as config_lib
 from capstf.cli import main
 from capstf.errors import CapstfError
 from capstf.evaluate import evaluate
-from capstf.train import build_state, restore_for_inference, train
+from capstf.train import FusedAdam, build_state, restore_for_inference, train
 
 
 def weights(model_dir, cfg):
@@ -60,6 +61,21 @@ def test_cosine_schedule_falls_from_the_learning_rate_to_zero_over_the_run():
         optimizer.iterations.assign(step)
         rates.append(float(optimizer.learning_rate))
     np.testing.assert_allclose(rates, [2e-3, 1e-3, 0.0], atol=1e-9)
+
+
+def test_fused_adam_updates_like_keras_adam():
+    rng = np.random.default_rng(0)
+    start = [rng.normal(size=s).astype("float32") for s in [(3, 4), (5,)]]
+    grads = [[rng.normal(size=w.shape).astype("float32") for w in start] for _ in range(5)]
+    results = []
+    for optimizer in (tf.keras.optimizers.Adam(1e-2), FusedAdam(1e-2)):
+        variables = [tf.Variable(w) for w in start]
+        for g in grads:
+            optimizer.apply_gradients(zip(g, variables))
+        results.append([v.numpy() for v in variables])
+    for keras_w, fused_w, w in zip(*results, start):
+        assert np.abs(keras_w - w).max() > 1e-2  # five steps moved the weights
+        np.testing.assert_allclose(fused_w, keras_w, rtol=1e-5, atol=1e-7)
 
 
 def test_incompatible_model_dir_is_refused(tmp_path):
