@@ -24,7 +24,7 @@ import tensorflow as tf  # noqa: E402
 
 from capstf.config import ModelConfig, TrainConfig  # noqa: E402
 from capstf.config import Config, DataConfig  # noqa: E402
-from capstf.model.routing import route_by_agreement, route_by_agreement_xla  # noqa: E402
+from capstf.model.routing import route_by_agreement  # noqa: E402
 from capstf.train import build_state, make_strategy, make_train_step  # noqa: E402
 
 VARIANTS = {  # name -> (jit, precision)
@@ -77,7 +77,7 @@ def profile(batch, steps):
     u = primary()
     digit = model.digit
     u_hat = tf.reshape(tf.matmul(tf.transpose(u, [1, 0, 2]), digit.w), [u.shape[1], batch, 10, 16])
-    routing_xla = lambda: route_by_agreement_xla(u_hat, 3)[0]
+    routing_xla = tf.function(lambda: route_by_agreement(u_hat, 3)[0], jit_compile=True)
     routing_plain = tf.function(lambda: route_by_agreement(u_hat, 3)[0])
     return {name: round(timed(fn, steps), 4) for name, fn in [
         ("forward_s", forward), ("convolutions_forward_s", primary), ("forward_backward_s", forward_backward),

@@ -76,8 +76,8 @@ def export(model_dir, export_dir, name="capsnet", version=None, formats=("savedm
         raise CapstfError(f"--format takes savedmodel and/or onnx, not {','.join(sorted(unknown)) or 'nothing'}.")
     cfg = config_lib.load_saved(model_dir)
     model, step = restore_for_inference(model_dir, cfg)
-    if xla and hasattr(model, "digit"):  # only on request: TF Serving needs XLA enabled for it
-        model.digit.jit_routing = True
+    if xla and hasattr(model, "jit_routing"):  # only on request: TF Serving needs XLA enabled for it
+        model.jit_routing = True
     module = ServingModule(model, cfg)
     base = export_dir / name
     version = version or next_version(base)

@@ -44,5 +44,3 @@ def route_by_agreement(u_hat, iterations: int):
         logits = agreement if logits is None else logits + agreement
         c = tf.nn.softmax(logits, axis=-1)
 
-
-route_by_agreement_xla = tf.function(route_by_agreement, jit_compile=True, reduce_retracing=True)
