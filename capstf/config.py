@@ -99,10 +99,14 @@ def recipe_names():
                   if p.name.endswith(".toml"))
 
 
-def load_recipe(name_or_path: str) -> dict:
+RECIPE_SECTIONS = ("data", "model", "train", "paper", "runlocal")
+
+
+def load_recipe(name_or_path: str, extended_by: tuple = ()) -> dict:
     """A recipe by name (a file in pipelines/, found also when pip-installed) or by path.
 
     A recipe with `base = "NAME"` starts from recipe NAME and changes only the settings it lists.
+    extended_by: the recipes that named this one as their base, to catch a loop.
     """
     path = Path(name_or_path)
     if path.suffix == ".toml" and path.is_file():
@@ -116,8 +120,17 @@ def load_recipe(name_or_path: str) -> dict:
         recipe = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise CapstfError(f"Recipe {name_or_path}: {e}") from None
-    if "base" in recipe:
-        merged = load_recipe(recipe.pop("base"))
+    base = recipe.pop("base", None)
+    misplaced = [key for key, value in recipe.items() if key not in RECIPE_SECTIONS or not isinstance(value, dict)]
+    if misplaced or not isinstance(base, (str, type(None))):
+        raise CapstfError(f"Recipe {name_or_path}: {', '.join(misplaced) or 'base'} is out of place; a recipe "
+                          f"holds an optional base = \"RECIPE\" and the sections "
+                          f"{', '.join(f'[{s}]' for s in RECIPE_SECTIONS)}.")
+    if base is not None:
+        if base in extended_by + (name_or_path,):
+            raise CapstfError(f"Recipe {name_or_path}: base recipes go round in a loop: "
+                              f"{' -> '.join(extended_by + (name_or_path, base))}.")
+        merged = load_recipe(base, extended_by + (name_or_path,))
         for table, values in recipe.items():
             merged[table] = {**merged.get(table, {}), **values}
         recipe = merged

@@ -133,6 +133,19 @@ def test_a_recipe_with_a_base_changes_only_what_it_lists():
     assert config_lib.resolve("mnist-small-rotate-scale", runlocal=True).train.steps == 20  # base's [runlocal]
 
 
+@pytest.mark.parametrize("text, message", [
+    ('base = "mnist"\nepochs = 3\n', "epochs is out of place"),
+    ('[trian]\nepochs = 3\n', "trian is out of place"),
+    ('base = "{path}"\n', "base recipes go round in a loop"),
+])
+def test_a_malformed_recipe_gives_a_clear_error(text, message, tmp_path):
+    path = tmp_path / "recipe.toml"
+    path.write_text(text.format(path=path))
+    result = CliRunner().invoke(main, ["train", "--dataset", "mnist", "--recipe", str(path),
+                                       "--model-dir", str(tmp_path / "run")])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
