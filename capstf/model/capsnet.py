@@ -186,9 +186,9 @@ class CapsNet(keras.Model):
         """
         primary = self.primary(self.conv1(images))  # [batch, in_caps, in_dim]
         classes = None if labels is None else tf.reshape(labels, [tf.shape(labels)[0], -1])  # [batch, k]
-        return (self.after_convolutions_xla if self.jit_routing else self.after_convolutions)(primary, classes)
+        return (self.from_primary_capsules_xla if self.jit_routing else self.from_primary_capsules)(primary, classes)
 
-    def after_convolutions(self, primary, classes=None):
+    def from_primary_capsules(self, primary, classes=None):
         """Primary capsules -> the outputs of `call`; decodes `classes`, or the k longest."""
         capsules = self.digit(primary)  # [batch, classes, dim]
         lengths = capsule_length(capsules)  # [batch, classes]
@@ -200,8 +200,8 @@ class CapsNet(keras.Model):
         return out
 
     @tf.function(jit_compile=True, reduce_retracing=True)
-    def after_convolutions_xla(self, primary, classes=None):
-        return self.after_convolutions(primary, classes)
+    def from_primary_capsules_xla(self, primary, classes=None):
+        return self.from_primary_capsules(primary, classes)
 
     def reconstruct(self, capsules, classes):
         """Decodes the capsules of `classes` [batch, k] -> images [batch, k, H, W, C]."""
