@@ -55,7 +55,8 @@ def main():
 @click.option("--learning-rate", type=float)
 @click.option("--routing-iters", type=int)
 @click.option("--seed", type=int)
-@click.option("--jit", type=click.Choice(CHOICES["train.jit"]), help="What XLA compiles.")
+@click.option("--jit", type=click.Choice(CHOICES["train.jit"]),
+              help="What XLA compiles: routing (the capsule layers after the convolutions), step, off.")
 @click.option("--precision", type=click.Choice(CHOICES["train.precision"]))
 @click.option("--distribute", type=click.Choice(CHOICES["train.distribute"]))
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints.")

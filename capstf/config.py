@@ -57,7 +57,7 @@ class TrainConfig:
     decay_rate: float = 0.96         # exponential decay: lr * decay_rate ** (step / decay_steps)
     decay_steps: int = 2000
     seed: int = 0
-    jit: str = "auto"                # routing | step | off | auto (fastest measured per device)
+    jit: str = "auto"                # routing (capsule layers) | step | off | auto (fastest measured per device)
     precision: str = "auto"          # float32 | mixed_bfloat16 | mixed_float16 | auto
     distribute: str = "auto"         # auto | mirrored | multi-worker | one-device
     checkpoint_every: int = 500      # steps

@@ -41,9 +41,9 @@ def cpu_has_bf16() -> bool:
 def device_defaults(train_cfg):
     """(jit, precision), replacing "auto" by the fastest correct choice measured per device.
 
-    CPU (benchmarks/train_step.py): XLA on routing only (XLA's CPU convolutions made the
-    whole step ~12x slower), and bfloat16 convolutions where AVX512-BF16 exists.
-    GPU: not measured here; routing under XLA and bfloat16 convolutions are the safe choice.
+    CPU (benchmarks/train_step.py): XLA on the capsule layers but not the convolutions (XLA's
+    CPU convolutions made the whole step ~12x slower), and bfloat16 convolutions where
+    AVX512-BF16 exists. GPU: not measured here; the same choices are the safe ones.
     """
     jit = "routing" if train_cfg.jit == "auto" else train_cfg.jit
     precision = train_cfg.precision
