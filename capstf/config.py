@@ -22,7 +22,7 @@ class DataConfig:
     dataset: str = "mnist"           # mnist | multimnist | expanded-mnist | affnist
     data_dir: str = ""               # "" = TFDS; "sample" = bundled digits; or an IDX folder
     max_shift: int = 2               # training shift per axis, in pixels
-    train_max_rotation_deg: float = 0.0  # mnist training: also rotate by up to this
+    train_max_rotation_deg: float = 0.0  # mnist, expanded-mnist training: also rotate by up to this
     train_max_scale_change: float = 0.0  # ... and scale by 1 +- up to this (0, 0: shifts only)
     partners_per_digit: int = 1000   # MultiMNIST test set size = test digits x this
     max_rotation_deg: float = 20.0   # affNIST-style test transforms
@@ -198,9 +198,9 @@ def validate(cfg: Config):
     if cfg.data.train_max_rotation_deg < 0 or not 0 <= cfg.data.train_max_scale_change < 1:
         raise CapstfError("data.train_max_rotation_deg must be at least 0 and "
                           "data.train_max_scale_change in [0, 1).")
-    if (cfg.data.train_max_rotation_deg or cfg.data.train_max_scale_change) and cfg.data.dataset != "mnist":
-        # Warped about the canvas centre: a digit far off-centre would swing out of the canvas.
-        raise CapstfError("Training rotation and scaling are for --dataset mnist only.")
+    if (cfg.data.train_max_rotation_deg or cfg.data.train_max_scale_change) and \
+            cfg.data.dataset not in ("mnist", "expanded-mnist"):
+        raise CapstfError("Training rotation and scaling are for --dataset mnist and expanded-mnist only.")
     if not 0 < cfg.train.learning_rate < 1:
         raise CapstfError(f"train.learning_rate must be in (0, 1), got {cfg.train.learning_rate}.")
     from capstf.data.datasets import spec  # imports TensorFlow: not at CLI start-up

@@ -239,6 +239,17 @@ def test_training_rotation_and_scaling_stay_within_their_bounds(train_digits):
     assert all(len(source_index(digits, image)) for image in test["image"][..., 0])  # test digits as they are
 
 
+def test_training_rotation_turns_each_digit_about_its_own_position(train_digits):
+    # The same seed draws the same digits, angles and scales; only the shifts differ.
+    turn = dict(dataset="expanded-mnist", train_max_rotation_deg=15, train_max_scale_change=0.1)
+    centred = take(DataConfig(max_shift=0, **turn), train_digits, "train", 50)["image"][..., 0]
+    shifted = take(DataConfig(max_shift=6, **turn), train_digits, "train", 50)["image"][..., 0]
+    shifts = [(dy, dx) for dy in range(-6, 7) for dx in range(-6, 7)]
+    for a, b in zip(centred, shifted):
+        assert any(np.allclose(np.roll(a, shift, axis=(0, 1)), b, atol=1e-5) for shift in shifts)
+    assert not np.allclose(centred, shifted)
+
+
 def test_drawn_affine_parameters_stay_in_their_ranges():
     from capstf.data.datasets import _draw_affine
     cfg = DataConfig(dataset="affnist", max_rotation_deg=20, max_shear=0.2, min_scale=0.8, max_scale=1.2)

@@ -99,7 +99,7 @@ def test_multimnist_trains_and_scores_both_digits(tmp_path):
     (["train", "--dataset", "mnist", "--set", "train.nonsense=3"], "Unknown setting"),
     (["train", "--dataset", "mnist", "--set", "train.steps=many"], "expected a int"),
     (["train", "--dataset", "mnist", "--recipe", "nope"], "No recipe 'nope'"),
-    (["train", "--dataset", "multimnist", "--set", "data.train_max_rotation_deg=10"], "for --dataset mnist only"),
+    (["train", "--dataset", "multimnist", "--set", "data.train_max_rotation_deg=10"], "for --dataset mnist and expanded-mnist only"),
     (["evaluate", "--model-dir", "/no/such/model"], "no trained model"),
 ])
 def test_bad_input_gives_a_clear_error(args, message, tmp_path):

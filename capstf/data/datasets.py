@@ -180,11 +180,12 @@ def _gather_digits(images, index):
 
 def _render_single(batch, images, cfg, canvas):
     digits = _gather_digits(images, batch["digit"])
-    placed = translate(digits, batch["dy"], batch["dx"], canvas, max(cfg.max_shift, 0))
-    if "angle" in batch:  # about the canvas centre: moves a digit shifted by 2 pixels < 1 pixel
-        no_shear = tf.zeros_like(batch["angle"])
-        forward = affine_matrices(batch["angle"], no_shear, batch["scale"], batch["scale"])
-        placed = warp(placed, forward, tf.zeros_like(forward[:, 0]))
+    if "angle" in batch:  # turn and scale the centred digit about its centre, then shift it
+        centred = translate(digits, tf.zeros_like(batch["dy"]), tf.zeros_like(batch["dx"]), canvas, 0)
+        forward = affine_matrices(batch["angle"], tf.zeros_like(batch["angle"]), batch["scale"], batch["scale"])
+        placed = warp(centred, forward, tf.cast(tf.stack([batch["dx"], batch["dy"]], 1), tf.float32))
+    else:
+        placed = translate(digits, batch["dy"], batch["dx"], canvas, max(cfg.max_shift, 0))
     return {"image": placed[..., None], "label": batch["label"]}
 
 
