@@ -127,7 +127,8 @@ def data(dataset, data_dir, split, count, seed, out, png):
 @click.option("--name", default="capsnet", show_default=True, help="Model name (TF Serving's model_spec.name).")
 @click.option("--version", type=click.IntRange(min=1), default=None, help="Default: the next free integer.")
 @click.option("--format", "formats", default="savedmodel,onnx", show_default=True)
-@click.option("--xla", is_flag=True, help="Keep the capsule layers (routing, decoder) XLA-compiled in the SavedModel (TF Serving then needs XLA).")
+@click.option("--xla", is_flag=True,
+              help="Keep the capsule layers (routing, decoder) XLA-compiled in the SavedModel (TF Serving then needs XLA).")
 @clear_errors
 def export(model_dir, export_dir, name, version, formats, xla):
     """Export the newest checkpoint to SavedModel (TF Serving layout) and ONNX, verified."""
