@@ -2,8 +2,9 @@
 
     python benchmarks/train_step.py [--sizes 28,36] [--rounds 4] [--variants ...]
 
-Variants (each timed in turn, several rounds): xla_routing (routing compiled), plain (graph mode), xla_step (whole step compiled),
-bf16 (mixed_bfloat16 convolutions + XLA routing). The profile times, at 28x28 float32, the
+Variants (each timed in turn, several rounds): xla_routing (the capsule layers after the
+convolutions compiled, `--jit routing`), plain (graph mode), xla_step (whole step compiled),
+bf16 (mixed_bfloat16 convolutions + xla_routing). The profile times, at 28x28 float32, the
 forward pass, forward+backward, the routing alone and the optimizer update, to show where a
 step's time goes.
 
