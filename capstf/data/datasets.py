@@ -35,6 +35,13 @@ class Spec(NamedTuple):
 
 # ------------------------------------------------------------------------- geometry (batched)
 
+def centre_on_canvas(digits, canvas):
+    """[batch, h, w] -> [batch, canvas, canvas]: each digit in the middle, zeros around it."""
+    h = digits.shape[1]
+    before, after = (canvas - h) // 2, canvas - h - (canvas - h) // 2
+    return tf.pad(digits, [[0, 0], [before, after], [before, after]])
+
+
 def translate(digits, dy, dx, canvas, max_shift):
     """Centres each digit on a canvas and shifts it by whole pixels, filling with zeros.
 
@@ -46,10 +53,7 @@ def translate(digits, dy, dx, canvas, max_shift):
     Returns:
       [batch, canvas, canvas] float images.
     """
-    h = digits.shape[1]
-    before = (canvas - h) // 2 + max_shift
-    after = canvas - h - (canvas - h) // 2 + max_shift
-    padded = tf.pad(digits, [[0, 0], [before, after], [before, after]])  # [b, canvas+2m, canvas+2m]
+    padded = centre_on_canvas(digits, canvas + 2 * max_shift)  # [b, canvas+2m, canvas+2m]
     window = tf.range(canvas)
     rows = (max_shift - dy)[:, None] + window  # [b, canvas]
     cols = (max_shift - dx)[:, None] + window
@@ -92,8 +96,7 @@ def affine_warp(digits, params, canvas):
     Returns:
       ([batch, canvas, canvas] images, [batch, 2, 2] forward matrices, [batch, 2] translations).
     """
-    placed = translate(digits, tf.zeros_like(params["tx"], tf.int32),
-                       tf.zeros_like(params["tx"], tf.int32), canvas, 0)
+    placed = centre_on_canvas(digits, canvas)
     forward = affine_matrices(params["angle"], params["shear"], params["scale_x"], params["scale_y"])
     centre = (canvas - 1) / 2.0
     # The support of a bilinear image reaches one pixel beyond its outermost ink pixels.
@@ -181,9 +184,9 @@ def _gather_digits(images, index):
 def _render_single(batch, images, cfg, canvas):
     digits = _gather_digits(images, batch["digit"])
     if "angle" in batch:  # turn and scale the centred digit about its centre, then shift it
-        centred = translate(digits, tf.zeros_like(batch["dy"]), tf.zeros_like(batch["dx"]), canvas, 0)
         forward = affine_matrices(batch["angle"], tf.zeros_like(batch["angle"]), batch["scale"], batch["scale"])
-        placed = warp(centred, forward, tf.cast(tf.stack([batch["dx"], batch["dy"]], 1), tf.float32))
+        shift = tf.cast(tf.stack([batch["dx"], batch["dy"]], 1), tf.float32)  # (x, y)
+        placed = warp(centre_on_canvas(digits, canvas), forward, shift)
     else:
         placed = translate(digits, batch["dy"], batch["dx"], canvas, max(cfg.max_shift, 0))
     return {"image": placed[..., None], "label": batch["label"]}
