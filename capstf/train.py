@@ -97,14 +97,12 @@ class FusedAdam(keras.optimizers.Adam):
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)
-        step = tf.cast(self.iterations + 1, variable.dtype)
+        step, beta_1, beta_2, epsilon, lr, grad = (tf.cast(x, variable.dtype) for x in (
+            self.iterations + 1, self.beta_1, self.beta_2, self.epsilon, learning_rate, gradient))
         tf.raw_ops.ResourceApplyAdam(
             var=variable.handle, m=self._momentums[index].value.handle, v=self._velocities[index].value.handle,
-            beta1_power=tf.pow(tf.cast(self.beta_1, variable.dtype), step),
-            beta2_power=tf.pow(tf.cast(self.beta_2, variable.dtype), step),
-            lr=tf.cast(learning_rate, variable.dtype), beta1=tf.cast(self.beta_1, variable.dtype),
-            beta2=tf.cast(self.beta_2, variable.dtype), epsilon=tf.cast(self.epsilon, variable.dtype),
-            grad=tf.cast(gradient, variable.dtype))
+            beta1_power=tf.pow(beta_1, step), beta2_power=tf.pow(beta_2, step), lr=lr,
+            beta1=beta_1, beta2=beta_2, epsilon=epsilon, grad=grad)
 
 
 def build_state(cfg, jit, precision, total_steps=1):
