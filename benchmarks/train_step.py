@@ -53,7 +53,7 @@ def setup(size, jit, precision, batch):
     images = tf.random.uniform([batch, size, size, 1])
     batch_data = {"image": images, "label": tf.random.uniform([batch], 0, 10, tf.int32)}
     data = iter(tf.data.Dataset.from_tensors(batch_data).repeat())
-    return model, optimizer, make_train_step(model, optimizer, strategy, batch, jit == "step", model.trainable_variables), data, batch_data
+    return model, optimizer, make_train_step(model, optimizer, strategy, batch, jit == "step"), data, batch_data
 
 
 def profile(batch, steps):

@@ -64,8 +64,6 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 50              # steps between TensorBoard scalars
     eval_examples: int = 0           # test examples scored after each epoch (0: none)
-    freeze_conv1_after_epochs: float = 0.0    # capsnet: stop training Conv1 after this many epochs (0: never)
-    freeze_primary_after_epochs: float = 0.0  # ... and PrimaryCaps after this many (0: never)
 
 
 @dataclasses.dataclass
@@ -203,11 +201,6 @@ def validate(cfg: Config):
     if (cfg.data.train_max_rotation_deg or cfg.data.train_max_scale_change) and \
             cfg.data.dataset not in ("mnist", "expanded-mnist"):
         raise CapstfError("Training rotation and scaling are for --dataset mnist and expanded-mnist only.")
-    freezing = cfg.train.freeze_conv1_after_epochs or cfg.train.freeze_primary_after_epochs
-    if min(cfg.train.freeze_conv1_after_epochs, cfg.train.freeze_primary_after_epochs) < 0 or \
-            (freezing and cfg.model.kind != "capsnet"):
-        raise CapstfError("train.freeze_conv1_after_epochs and train.freeze_primary_after_epochs must be at least 0 "
-                          "(0: never), and only a capsnet has those layers.")
     if not 0 < cfg.train.learning_rate < 1:
         raise CapstfError(f"train.learning_rate must be in (0, 1), got {cfg.train.learning_rate}.")
     from capstf.data.datasets import spec  # imports TensorFlow: not at CLI start-up

@@ -170,16 +170,7 @@ def train(cfg, model_dir, quiet=None) -> dict:
                             cfg.train.seed, start_example=start * global_batch,
                             pipeline_id=ctx.input_pipeline_id, num_pipelines=ctx.num_input_pipelines)
     batches = iter(strategy.distribute_datasets_from_function(dataset_fn))
-    train_steps = {}  # by the names of the frozen layers
-
-    def train_step(step):
-        frozen = frozen_layers(model, cfg.train, step / steps_per_epoch)
-        key = tuple(layer.name for layer in frozen)
-        if key not in train_steps:
-            ids = {id(v) for layer in frozen for v in layer.trainable_variables}
-            variables = [v for v in model.trainable_variables if id(v) not in ids]
-            train_steps[key] = make_train_step(model, optimizer, strategy, global_batch, jit == "step", variables)
-        return train_steps[key](batches)
+    train_step = make_train_step(model, optimizer, strategy, global_batch, jit == "step")
 
     preview = next(iter(make_dataset(cfg.data, train_digits, "test", 8, cfg.train.seed)))
     writer = tf.summary.create_file_writer(str(model_dir / "train")) if chief else tf.summary.create_noop_writer()
@@ -190,7 +181,7 @@ def train(cfg, model_dir, quiet=None) -> dict:
     with writer.as_default():
         try:
             for step in range(start + 1, total_steps + 1):
-                metrics = {k: float(v) for k, v in train_step(step).items()}
+                metrics = {k: float(v) for k, v in train_step(batches).items()}
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 seen += global_batch
@@ -237,9 +228,8 @@ def save_latest(manager, optimizer):
         manager.save(checkpoint_number=step)
 
 
-def make_train_step(model, optimizer, strategy, global_batch, jit_step, variables):
-    """One optimizer step on one batch per replica, training `variables`; returns metric sums
-    over the global batch."""
+def make_train_step(model, optimizer, strategy, global_batch, jit_step):
+    """One optimizer step on one batch per replica; returns metric sums over the global batch."""
     @tf.function(jit_compile=jit_step)
     def replica_step(batch):
         with tf.GradientTape() as tape:
@@ -249,8 +239,8 @@ def make_train_step(model, optimizer, strategy, global_batch, jit_step, variable
             loss = tf.nn.compute_average_loss(losses["loss"], global_batch_size=global_batch)
             if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
                 loss = optimizer.scale_loss(loss)
-        grads = tape.gradient(loss, variables)
-        optimizer.apply_gradients(zip(grads, variables))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
         sums = {k: tf.reduce_sum(v) for k, v in losses.items()}
         sums["accuracy"] = tf.reduce_sum(tf.cast(exact_match(out["probabilities"], batch["label"]), tf.float32))
         sums["examples"] = tf.cast(tf.shape(batch["label"])[0], tf.float32)
@@ -261,12 +251,6 @@ def make_train_step(model, optimizer, strategy, global_batch, jit_step, variable
         per_replica = strategy.run(replica_step, args=(next(iterator),))
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
     return step
-
-
-def frozen_layers(model, train_cfg, epoch):
-    """The layers whose training has ended by `epoch` (fractional): Conv1, then PrimaryCaps."""
-    ends = [(model.conv1, train_cfg.freeze_conv1_after_epochs), (model.primary, train_cfg.freeze_primary_after_epochs)]
-    return [layer for layer, end in ends if 0 < end < epoch]
 
 
 def log_reconstructions(model, batch, step):

@@ -14,7 +14,6 @@ from capstf import config as config_lib
 from capstf.cli import main
 from capstf.errors import CapstfError
 from capstf.evaluate import evaluate
-from capstf.model import build_model
 from capstf.train import FusedAdam, build_state, restore_for_inference, train
 
 
@@ -53,24 +52,6 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
     assert step_a == step_b == 6
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, atol=1e-6)
-
-
-def test_frozen_layers_stop_changing_after_their_epoch(tmp_path):
-    per_epoch = 5000 // 32  # steps per epoch on the sample's training digits
-    cfg = small_config(steps=6, checkpoint_every=2, freeze_conv1_after_epochs=2 / per_epoch,
-                       freeze_primary_after_epochs=4 / per_epoch)
-    train(cfg, tmp_path, quiet=True)
-    saved = {}
-    for step in (2, 4, 6):
-        model = build_model(cfg.model, jit_routing=False)
-        tf.train.Checkpoint(model=model).restore(str(tmp_path / "checkpoints" / f"ckpt-{step}")).expect_partial()
-        saved[step] = {layer: getattr(model, layer).trainable_variables[0].numpy() for layer in ("conv1", "primary", "digit")}
-
-    def changed(layer, before, after):
-        return not np.array_equal(saved[before][layer], saved[after][layer])
-    assert not changed("conv1", 2, 6)
-    assert changed("primary", 2, 4) and not changed("primary", 4, 6)
-    assert changed("digit", 4, 6)
 
 
 def test_cosine_schedule_falls_from_the_learning_rate_to_zero_over_the_run():
@@ -119,7 +100,6 @@ def test_multimnist_trains_and_scores_both_digits(tmp_path):
     (["train", "--dataset", "mnist", "--set", "train.steps=many"], "expected a int"),
     (["train", "--dataset", "mnist", "--recipe", "nope"], "No recipe 'nope'"),
     (["train", "--dataset", "multimnist", "--set", "data.train_max_rotation_deg=10"], "for --dataset mnist and expanded-mnist only"),
-    (["train", "--dataset", "mnist", "--set", "train.freeze_conv1_after_epochs=-1"], "must be at least 0"),
     (["evaluate", "--model-dir", "/no/such/model"], "no trained model"),
 ])
 def test_bad_input_gives_a_clear_error(args, message, tmp_path):
