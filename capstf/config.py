@@ -220,12 +220,22 @@ def load_saved(model_dir: Path) -> Config:
     return Config.from_dict(json.loads(path.read_text()))
 
 
-def check_compatible(saved: Config, new: Config, model_dir):
-    """A model dir must not silently mix two experiments: the model and data set must match."""
-    if saved.model != new.model or saved.data.dataset != new.data.dataset:
-        a, b = dataclasses.asdict(saved.model), dataclasses.asdict(new.model)
-        diff = [f"model.{k}: {a[k]} -> {b[k]}" for k in a if a[k] != b[k]]
-        if saved.data.dataset != new.data.dataset:
-            diff.append(f"data.dataset: {saved.data.dataset} -> {new.data.dataset}")
+def changed_settings(saved: Config, new: Config) -> list:
+    """"section.key: old -> new" for every setting that differs (data, model, train)."""
+    a, b = saved.to_dict(), new.to_dict()
+    return [f"{section}.{key}: {a[section][key]} -> {value}" for section in ("data", "model", "train")
+            for key, value in b[section].items() if a[section][key] != value]
+
+
+def check_compatible(saved: Config, new: Config, model_dir) -> list:
+    """A model dir must not silently mix two experiments: the model and data set must match.
+
+    Returns the other changed settings (schedule, augmentation, ...), which a resumed run may
+    change but should say it did.
+    """
+    changed = changed_settings(saved, new)
+    incompatible = [c for c in changed if c.startswith(("model.", "data.dataset:"))]
+    if incompatible:
         raise CapstfError(f"{model_dir} holds a model trained with a different configuration "
-                          f"({'; '.join(diff)}). Use another --model-dir, or the same settings.")
+                          f"({'; '.join(incompatible)}). Use another --model-dir, or the same settings.")
+    return changed

@@ -145,7 +145,7 @@ def train(cfg, model_dir, quiet=None) -> dict:
     chief = is_chief(strategy)
     train_digits = load_digits(cfg.data.data_dir, "train")
     test_digits = load_digits(cfg.data.data_dir, "test") if cfg.train.eval_examples else None
-    prepare_model_dir(cfg, model_dir, chief)
+    changed = prepare_model_dir(cfg, model_dir, chief)
     log = (lambda msg: None) if not chief else (lambda msg: tqdm.write(msg, file=sys.stdout))
     log(f"capstf: {cfg.recipe} on {strategy.num_replicas_in_sync} replica(s), jit={jit}, "
         f"precision={precision}, model dir {model_dir}")
@@ -163,7 +163,8 @@ def train(cfg, model_dir, quiet=None) -> dict:
     manager.restore_or_initialize()
     start = int(optimizer.iterations.numpy())
     if start:
-        log(f"resumed from step {start}" + (f"; already trained past --steps {total_steps}" if start >= total_steps else ""))
+        log(f"resumed from step {start}" + (f"; already trained past --steps {total_steps}" if start >= total_steps else "")
+            + (f"; settings changed since: {'; '.join(changed)}" if changed else ""))
 
     def dataset_fn(ctx: tf.distribute.InputContext):
         return make_dataset(cfg.data, train_digits, "train", ctx.get_per_replica_batch_size(global_batch),
@@ -271,10 +272,12 @@ def checkpoint_dir(model_dir: Path, strategy, chief: bool) -> Path:
 
 
 def prepare_model_dir(cfg, model_dir: Path, chief: bool):
-    """Creates the model dir, or checks that an existing one holds the same experiment."""
+    """Creates the model dir, or checks that an existing one holds the same experiment; returns
+    the settings changed since (see config.check_compatible)."""
+    changed = []
     saved_path = model_dir / "config.json"
     if saved_path.is_file():
-        config_lib.check_compatible(config_lib.load_saved(model_dir), cfg, model_dir)
+        changed = config_lib.check_compatible(config_lib.load_saved(model_dir), cfg, model_dir)
     elif model_dir.exists() and not model_dir.is_dir():
         raise CapstfError(f"--model-dir {model_dir} exists and is not a folder.")
     if chief:
@@ -283,3 +286,4 @@ def prepare_model_dir(cfg, model_dir: Path, chief: bool):
         except OSError as e:
             raise CapstfError(f"Cannot create --model-dir {model_dir}: {e.strerror}.") from None
         config_lib.save(cfg, model_dir)
+    return changed

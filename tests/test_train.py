@@ -78,12 +78,16 @@ def test_fused_adam_updates_like_keras_adam():
         np.testing.assert_allclose(fused_w, keras_w, rtol=1e-5, atol=1e-7)
 
 
-def test_incompatible_model_dir_is_refused(tmp_path):
+def test_incompatible_model_dir_is_refused_and_other_changes_are_reported(tmp_path, capsys):
     train(small_config(steps=1), tmp_path, quiet=True)
     cfg = small_config(steps=2)
     cfg.model.routing_iters = 1
     with pytest.raises(CapstfError, match="routing_iters: 3 -> 1"):
         train(cfg, tmp_path, quiet=True)
+    capsys.readouterr()
+    train(small_config(steps=2, learning_rate=2e-3), tmp_path, quiet=True)
+    assert "resumed from step 1; settings changed since: train.steps: 1 -> 2; train.learning_rate: 0.001 -> 0.002" \
+        in capsys.readouterr().out
 
 
 def test_multimnist_trains_and_scores_both_digits(tmp_path):
