@@ -220,22 +220,26 @@ def load_saved(model_dir: Path) -> Config:
     return Config.from_dict(json.loads(path.read_text()))
 
 
-def changed_settings(saved: Config, new: Config) -> list:
-    """"section.key: old -> new" for every setting that differs (data, model, train)."""
+def changed_settings(saved: Config, new: Config) -> Dict[str, tuple]:
+    """{"section.key": (old, new)} for every setting that differs (data, model, train)."""
     a, b = saved.to_dict(), new.to_dict()
-    return [f"{section}.{key}: {a[section][key]} -> {value}" for section in ("data", "model", "train")
-            for key, value in b[section].items() if a[section][key] != value]
+    return {f"{section}.{key}": (a[section][key], value) for section in ("data", "model", "train")
+            for key, value in b[section].items() if a[section][key] != value}
 
 
-def check_compatible(saved: Config, new: Config, model_dir) -> list:
+def describe_changes(changes: Mapping[str, tuple]) -> str:
+    return "; ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
+
+
+def check_compatible(saved: Config, new: Config, model_dir) -> Dict[str, tuple]:
     """A model dir must not silently mix two experiments: the model and data set must match.
 
     Returns the other changed settings (schedule, augmentation, ...), which a resumed run may
     change but should say it did.
     """
     changed = changed_settings(saved, new)
-    incompatible = [c for c in changed if c.startswith(("model.", "data.dataset:"))]
+    incompatible = {k: v for k, v in changed.items() if k.startswith("model.") or k == "data.dataset"}
     if incompatible:
         raise CapstfError(f"{model_dir} holds a model trained with a different configuration "
-                          f"({'; '.join(incompatible)}). Use another --model-dir, or the same settings.")
+                          f"({describe_changes(incompatible)}). Use another --model-dir, or the same settings.")
     return changed

@@ -164,7 +164,7 @@ def train(cfg, model_dir, quiet=None) -> dict:
     start = int(optimizer.iterations.numpy())
     if start:
         log(f"resumed from step {start}" + (f"; already trained past --steps {total_steps}" if start >= total_steps else "")
-            + (f"; settings changed since: {'; '.join(changed)}" if changed else ""))
+            + (f"; settings changed since: {config_lib.describe_changes(changed)}" if changed else ""))
 
     def dataset_fn(ctx: tf.distribute.InputContext):
         return make_dataset(cfg.data, train_digits, "train", ctx.get_per_replica_batch_size(global_batch),
@@ -274,7 +274,7 @@ def checkpoint_dir(model_dir: Path, strategy, chief: bool) -> Path:
 def prepare_model_dir(cfg, model_dir: Path, chief: bool):
     """Creates the model dir, or checks that an existing one holds the same experiment; returns
     the settings changed since (see config.check_compatible)."""
-    changed = []
+    changed = {}
     saved_path = model_dir / "config.json"
     if saved_path.is_file():
         changed = config_lib.check_compatible(config_lib.load_saved(model_dir), cfg, model_dir)
