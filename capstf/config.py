@@ -24,6 +24,7 @@ class DataConfig:
     max_shift: int = 2               # training shift per axis, in pixels
     train_max_rotation_deg: float = 0.0  # mnist, expanded-mnist training: also rotate by up to this
     train_max_scale_change: float = 0.0  # ... and scale by 1 +- up to this (0, 0: shifts only)
+    train_rotate_scale_epochs: float = 0.0  # ... only in the first this many epochs (0: all)
     partners_per_digit: int = 1000   # MultiMNIST test set size = test digits x this
     max_rotation_deg: float = 20.0   # affNIST-style test transforms
     max_shear: float = 0.2
@@ -195,9 +196,10 @@ def validate(cfg: Config):
             raise CapstfError(f"{key} must be at least 1, got {value}.")
     if cfg.train.steps < 0 or cfg.train.epochs < 0 or (cfg.train.steps == 0 and cfg.train.epochs == 0):
         raise CapstfError("Train for a positive number of --steps or --epochs.")
-    if cfg.data.train_max_rotation_deg < 0 or not 0 <= cfg.data.train_max_scale_change < 1:
-        raise CapstfError("data.train_max_rotation_deg must be at least 0 and "
-                          "data.train_max_scale_change in [0, 1).")
+    if min(cfg.data.train_max_rotation_deg, cfg.data.train_rotate_scale_epochs) < 0 or \
+            not 0 <= cfg.data.train_max_scale_change < 1:
+        raise CapstfError("data.train_max_rotation_deg and data.train_rotate_scale_epochs must be at "
+                          "least 0, and data.train_max_scale_change in [0, 1).")
     if (cfg.data.train_max_rotation_deg or cfg.data.train_max_scale_change) and \
             cfg.data.dataset not in ("mnist", "expanded-mnist"):
         raise CapstfError("Training rotation and scaling are for --dataset mnist and expanded-mnist only.")

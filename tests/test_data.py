@@ -250,6 +250,16 @@ def test_training_rotation_turns_each_digit_about_its_own_position(train_digits)
     assert not np.allclose(centred, shifted)
 
 
+def test_rotation_and_scaling_stop_after_their_epochs(train_digits):
+    digits = Digits(train_digits.images[:10], train_digits.labels[:10])  # 10-example epochs
+    early = DataConfig(dataset="mnist", max_shift=0, train_max_rotation_deg=15, train_max_scale_change=0.1,
+                       train_rotate_scale_epochs=2)
+    turned = take(early, digits, "train", 6, start_example=17)["image"]  # positions 17-22: epochs 1 and 2
+    plain = take(DataConfig(dataset="mnist", max_shift=0), digits, "train", 6, start_example=17)["image"]
+    same = [np.allclose(a, b, atol=1e-5) for a, b in zip(turned, plain)]
+    assert same == [False] * 3 + [True] * 3
+
+
 def test_drawn_affine_parameters_stay_in_their_ranges():
     from capstf.data.datasets import _draw_affine
     cfg = DataConfig(dataset="affnist", max_rotation_deg=20, max_shear=0.2, min_scale=0.8, max_scale=1.2)

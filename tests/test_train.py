@@ -135,6 +135,9 @@ def test_a_recipe_with_a_base_changes_only_what_it_lists():
     derived.train.epochs, derived.recipe = base.train.epochs, base.recipe
     assert derived == base
     assert config_lib.resolve("mnist-small-rotate-scale", runlocal=True).train.steps == 20  # base's [runlocal]
+    grandchild = config_lib.resolve("mnist-small-rotate-scale-then-shift")  # a base's base applies too
+    assert grandchild.data.train_max_rotation_deg == 15 and grandchild.model == base.model
+    assert 0 < grandchild.data.train_rotate_scale_epochs < grandchild.train.epochs
 
 
 @pytest.mark.parametrize("text, message", [

@@ -147,8 +147,12 @@ def _draw_single(digit, key, seed, tables, cfg, train):
     u = _uniform(key, seed, 4)
     params = {"digit": digit, "dy": _shift(u[0], max_shift), "dx": _shift(u[1], max_shift)}
     if train and (cfg.train_max_rotation_deg > 0 or cfg.train_max_scale_change > 0):
-        params["angle"] = (2 * u[2] - 1) * cfg.train_max_rotation_deg
-        params["scale"] = 1 + (2 * u[3] - 1) * cfg.train_max_scale_change
+        on = 1.0  # 0 once past data.train_rotate_scale_epochs: shifts only from then on
+        if cfg.train_rotate_scale_epochs > 0:
+            epoch = key // tf.size(tables["labels"], out_type=tf.int64)
+            on = tf.cast(tf.cast(epoch, tf.float32) < cfg.train_rotate_scale_epochs, tf.float32)
+        params["angle"] = on * (2 * u[2] - 1) * cfg.train_max_rotation_deg
+        params["scale"] = 1 + on * (2 * u[3] - 1) * cfg.train_max_scale_change
     return params
 
 
