@@ -4,7 +4,9 @@
 
 Variants (each timed in turn, several rounds): xla_routing (the capsule layers after the
 convolutions compiled, `--jit routing`), plain (graph mode), xla_step (whole step compiled),
-bf16 (mixed_bfloat16 convolutions + xla_routing). The profile times, at 28x28 float32, the
+bf16 (mixed_bfloat16 convolutions + xla_routing); and, named with --variants, the routing
+gradients' shortcut (bf16_final_routing_gradients) and the GPU candidates: TensorFlow's own
+convolution gradients in bfloat16 or float16, and the whole step compiled. The profile times, at 28x28 float32, the
 forward pass, forward+backward, the routing alone and the optimizer update, to show where a
 step's time goes.
 
@@ -25,15 +27,21 @@ import tensorflow as tf  # noqa: E402
 
 from capstf.config import ModelConfig, TrainConfig  # noqa: E402
 from capstf.config import Config, DataConfig  # noqa: E402
-from capstf.model.routing import route_by_agreement  # noqa: E402
+from capstf.layers import route_by_agreement  # noqa: E402
 from capstf.train import build_state, make_strategy, make_train_step  # noqa: E402
 
-VARIANTS = {  # name -> (jit, precision)
-    "xla_routing": ("routing", "float32"),
-    "plain": ("off", "float32"),
-    "xla_step": ("step", "float32"),
-    "bf16": ("routing", "mixed_bfloat16"),
+VARIANTS = {  # name -> (jit, precision, forward_conv_gradients, routing_gradients)
+    "xla_routing": ("routing", "float32", True, "all"),
+    "plain": ("off", "float32", True, "all"),
+    "xla_step": ("step", "float32", True, "all"),
+    "bf16": ("routing", "mixed_bfloat16", True, "all"),
+    "bf16_final_routing_gradients": ("routing", "mixed_bfloat16", True, "final"),
+    # To pick GPU defaults by measurement: TensorFlow's own convolution gradients, float16.
+    "bf16_tf_conv_gradients": ("routing", "mixed_bfloat16", False, "all"),
+    "fp16_tf_conv_gradients": ("routing", "mixed_float16", False, "all"),
+    "xla_step_bf16_tf_conv_gradients": ("step", "mixed_bfloat16", False, "all"),
 }
+DEFAULT_VARIANTS = "xla_routing,plain,xla_step,bf16"  # the CPU set; name the others with --variants
 
 
 def timed(fn, steps, warmup=2):
@@ -45,11 +53,12 @@ def timed(fn, steps, warmup=2):
     return (time.perf_counter() - start) / steps
 
 
-def setup(size, jit, precision, batch):
-    cfg = Config(DataConfig(), ModelConfig(input_size=size), TrainConfig(batch_size=batch, jit=jit, precision=precision))
+def setup(size, jit, precision, batch, forward_conv_gradients=True, routing_gradients="all"):
+    cfg = Config(DataConfig(), ModelConfig(input_size=size, routing_gradients=routing_gradients),
+                 TrainConfig(batch_size=batch, jit=jit, precision=precision))
     strategy = make_strategy("one-device")  # the device defaults `capstf train` uses
     with strategy.scope():
-        model, optimizer, _ = build_state(cfg, jit, precision)
+        model, optimizer, _ = build_state(cfg, jit, precision, forward_conv_gradients=forward_conv_gradients)
     images = tf.random.uniform([batch, size, size, 1])
     batch_data = {"image": images, "label": tf.random.uniform([batch], 0, 10, tf.int32)}
     data = iter(tf.data.Dataset.from_tensors(batch_data).repeat())
@@ -99,7 +108,7 @@ def main():
     parser.add_argument("--sizes", default="28,36")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=4, help="Timed steps per variant, interleaved.")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"Of: {', '.join(VARIANTS)}.")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--reference", default=str(DEFAULT_REFERENCE) if DEFAULT_REFERENCE.exists() else "",
                         help="A reference step script printing reference_images_per_s; '' for none.")
@@ -111,7 +120,8 @@ def main():
     steps = {}
     for size in map(int, args.sizes.split(",")):
         for name in args.variants.split(","):
-            _, _, step, data, _ = setup(size, *VARIANTS[name], args.batch)
+            jit, precision, forward_conv_gradients, routing_gradients = VARIANTS[name]
+            _, _, step, data, _ = setup(size, jit, precision, args.batch, forward_conv_gradients, routing_gradients)
             tf.nest.map_structure(lambda t: t.numpy(), step(data))  # compile
             steps[f"{size}x{size}/{name}"] = (lambda step=step, data=data: step(data))
     times = {key: [] for key in steps}
@@ -120,7 +130,7 @@ def main():
         if args.reference:
             reference.append(reference_images_per_s(args.reference))
         for key, fn in steps.items():
-            if key.endswith("xla_step") and round_:  # XLA's CPU convolutions: one slow step is enough
+            if "/xla_step" in key and round_ and not tf.config.list_physical_devices("GPU"):  # XLA's CPU convolutions: one slow step is enough
                 continue
             times[key].append(timed(fn, 1, warmup=0))
     best = {k: round(args.batch / min(v), 1) for k, v in times.items()}

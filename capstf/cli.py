@@ -9,7 +9,11 @@ import click
 from capstf.config import CHOICES, DATASETS, TRAINABLE
 from capstf.errors import CapstfError
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the terminal
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's own log lines once its logging is set up
+EXIT_CODES = """\b
+Exit codes: 0 done; 2 bad usage or input (a flag, a file, a model dir: one line says which);
+1 a failure of the work itself (a server out of reach, a full disk, a failed export check);
+143 training stopped on SIGTERM, its last step checkpointed (rerun to resume); 130 Ctrl-C."""
 TRAIN_FLAGS = {  # flag -> the setting it overrides
     "epochs": "train.epochs", "steps": "train.steps", "batch_size": "train.batch_size",
     "learning_rate": "train.learning_rate", "routing_iters": "model.routing_iters", "seed": "train.seed",
@@ -18,15 +22,34 @@ TRAIN_FLAGS = {  # flag -> the setting it overrides
     "data_dir": "data.data_dir"}
 
 
+def start_tensorflow_quietly():
+    """Loads TensorFlow and probes its devices with stderr silenced: its C++ start-up lines
+    (absl's InitializeLog warning, the oneDNN notice, the CUDA probe's errors on machines
+    without a GPU) are written before any log setting applies. `capstf --verbose` shows them."""
+    if os.environ.get("CAPSTF_VERBOSE") or "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        import tensorflow as tf
+        tf.config.list_physical_devices("GPU")
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def clear_errors(command):
     """Turns expected failures into one clear line on stderr and a non-zero exit."""
     @functools.wraps(command)
     def run(*args, **kwargs):
         try:
+            start_tensorflow_quietly()
             return command(*args, **kwargs)
         except CapstfError as e:
             click.echo(f"capstf: error: {e}", err=True)
-            sys.exit(1)
+            sys.exit(e.exit_code)
         except KeyboardInterrupt:
             click.echo("capstf: interrupted; checkpoints written so far are kept.", err=True)
             sys.exit(130)
@@ -39,9 +62,18 @@ def data_dir_option(f):
                              "(default: full MNIST through TFDS, or the model's own data dir).")(f)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-def main():
-    """capstf: CapsNets (Sabour et al. 2017) on TensorFlow 2: train, evaluate, export, serve."""
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
+@click.version_option(package_name="capstf", prog_name="capstf")
+@click.option("--verbose", is_flag=True, help="Show TensorFlow's own start-up and log lines.")
+def main(verbose):
+    """capstf: CapsNets (Sabour et al. 2017) on TensorFlow 2: train, evaluate, export, serve.
+
+    \b
+    Example: capstf train --dataset mnist --data-dir sample --runlocal
+    """
+    if verbose:
+        os.environ["CAPSTF_VERBOSE"] = "1"
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
 
 
 @main.command()
@@ -67,18 +99,18 @@ def main():
 @click.option("--cpu-devices", type=int, default=0, help="Split the CPU into N logical devices (for --distribute mirrored tests).")
 @clear_errors
 def train(dataset, recipe, model_dir, runlocal, settings, cpu_devices, no_decoder, **flags):
-    """Train a model (resumes from the newest checkpoint in --model-dir)."""
+    """Train a model (resumes from the newest checkpoint in --model-dir).
+
+    \b
+    Example: capstf train --dataset mnist --recipe mnist-cosine --data-dir DIR
+    """
     from capstf import config as config_lib
     overrides = {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
     if flags["steps"] is None and flags["epochs"] is not None:
         overrides["train.steps"] = 0  # --epochs wins over a recipe's step count
     if no_decoder:
         overrides["model.decoder"] = False
-    for item in settings:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise CapstfError(f"--set {item!r}: expected KEY=VALUE.")
-        overrides[key] = value
+    overrides.update(parse_settings(settings))
     cfg = config_lib.resolve(recipe or dataset, overrides, runlocal=runlocal)
     if cfg.data.dataset != dataset:
         raise CapstfError(f"Recipe {cfg.recipe} is for {cfg.data.dataset}, not --dataset {dataset}.")
@@ -87,27 +119,68 @@ def train(dataset, recipe, model_dir, runlocal, settings, cpu_devices, no_decode
         split_cpu(cpu_devices)
     from capstf.train import train as run_training
     model_dir = model_dir or os.path.join("runs", dataset)
-    click.echo(json.dumps(cfg.to_dict(), indent=None))
     result = run_training(cfg, model_dir)
     click.echo(json.dumps(result))
 
 
+def parse_settings(settings):
+    """("section.key=value", ...) -> {"section.key": "value"} (config parses each by its type)."""
+    overrides = {}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise CapstfError(f"--set {item!r}: expected KEY=VALUE.")
+        overrides[key] = value
+    return overrides
+
+
 @main.command()
-@click.option("--model-dir", required=True, help="A folder written by `capstf train`.")
-@click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Default: the one trained on.")
+@click.argument("name")
+@click.option("--runs-dir", default="runs", show_default=True, help="Runs go to RUNS_DIR/NAME/<run>/.")
 @data_dir_option
-@click.option("--split", type=click.Choice(["train", "test"]), default="test")
+@click.option("--runlocal", is_flag=True, help="Shrink every run to a few steps: a smoke run.")
+@click.option("--only", default="", metavar="RUN,...", help="Train and score only these runs.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
+              help="A setting for every run, e.g. --set train.epochs=4.")
+@clear_errors
+def study(name, runs_dir, data_dir, runlocal, only, settings):
+    """Run one of the paper's experiments (pipelines/studies/NAME.toml: table1, affnist): train
+    and score each of its runs, resuming unfinished ones, and write RUNS_DIR/NAME/results.md and
+    results.json.
+
+    \b
+    Example: capstf study table1 --data-dir DIR --only mnist-r3,mnist-baseline
+    """
+    from capstf.study import results_markdown, run_study
+    runs = tuple(r.strip() for r in only.split(",") if r.strip())
+    results = run_study(name, runs_dir, data_dir, runlocal, runs, parse_settings(settings),
+                        log=lambda msg: click.echo(msg, err=True))
+    click.echo(results_markdown(results))
+
+
+@main.command()
+@click.option("--model-dir", "model_dirs", required=True, multiple=True,
+              help="A folder written by `capstf train`; several: an ensemble (capsule lengths averaged).")
+@click.option("--dataset", type=click.Choice(tuple(DATASETS)), default=None, help="Default: the one trained on.")
+@data_dir_option
+@click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test",
+              help="train: one pass over the training digits, unshifted; validation: the digits "
+                   "held out by data.validation_digits.")
 @click.option("--limit", type=int, default=0, help="Score at most N examples (0: all).")
 @click.option("--partners", type=int, default=None, help="MultiMNIST partners per test digit.")
 @clear_errors
-def evaluate(model_dir, dataset, data_dir, split, limit, partners):
-    """Print (and save in the model dir) the paper's metrics as JSON."""
+def evaluate(model_dirs, dataset, data_dir, split, limit, partners):
+    """Print (and save in the model dir) the paper's metrics as JSON.
+
+    \b
+    Example: capstf evaluate --model-dir runs/expanded-mnist --dataset affnist
+    """
     from capstf.evaluate import evaluate as run_evaluation
-    click.echo(json.dumps(run_evaluation(model_dir, dataset, data_dir, split, limit, partners), indent=2))
+    click.echo(json.dumps(run_evaluation(list(model_dirs), dataset, data_dir, split, limit, partners), indent=2))
 
 
 @main.command()
-@click.option("--dataset", type=click.Choice(DATASETS), required=True)
+@click.option("--dataset", type=click.Choice(tuple(DATASETS)), required=True)
 @data_dir_option
 @click.option("--split", type=click.Choice(["train", "test"]), default="train")
 @click.option("--count", type=int, default=64, show_default=True)
@@ -116,7 +189,11 @@ def evaluate(model_dir, dataset, data_dir, split, limit, partners):
 @click.option("--png", type=click.Path(dir_okay=False), help="Also write a contact sheet.")
 @clear_errors
 def data(dataset, data_dir, split, count, seed, out, png):
-    """Write generated examples of a data set to .npz (and a PNG contact sheet)."""
+    """Write generated examples of a data set to .npz (and a PNG contact sheet).
+
+    \b
+    Example: capstf data --dataset multimnist --data-dir sample --count 32 --out mm.npz --png mm.png
+    """
     from capstf.data.inspect import write_examples
     click.echo(json.dumps(write_examples(dataset, data_dir or "", split, count, seed, out, png)))
 
@@ -129,11 +206,18 @@ def data(dataset, data_dir, split, count, seed, out, png):
 @click.option("--format", "formats", default="savedmodel,onnx", show_default=True)
 @click.option("--xla", is_flag=True,
               help="Keep the capsule layers (routing, decoder) XLA-compiled in the SavedModel (TF Serving then needs XLA).")
+@click.option("--data-dir", default=None, metavar="DIR|sample",
+              help="Test digits that verify the exports (default: the training data's source; 'sample' works offline).")
 @clear_errors
-def export(model_dir, export_dir, name, version, formats, xla):
-    """Export the newest checkpoint to SavedModel (TF Serving layout) and ONNX, verified."""
+def export(model_dir, export_dir, name, version, formats, xla, data_dir):
+    """Export the newest checkpoint to SavedModel (TF Serving layout) and ONNX, verified.
+
+    \b
+    Example: capstf export --model-dir runs/mnist --export-dir exports
+    """
     from capstf.export import export as run_export
-    report = run_export(model_dir, export_dir, name, version, tuple(f.strip() for f in formats.split(",") if f.strip()), xla)
+    report = run_export(model_dir, export_dir, name, version, tuple(f.strip() for f in formats.split(",") if f.strip()),
+                        xla, data_dir=data_dir)
     click.echo(json.dumps(report, indent=2))
 
 
@@ -143,7 +227,11 @@ def export(model_dir, export_dir, name, version, formats, xla):
 @click.option("--port", type=click.IntRange(0, 65535), default=8500, show_default=True)
 @clear_errors
 def serve(export_dir, host, port):
-    """Serve exported models over TF Serving's gRPC PredictionService API."""
+    """Serve exported models over TF Serving's gRPC PredictionService API.
+
+    \b
+    Example: capstf serve --export-dir exports --port 8500
+    """
     from capstf.serving.server import start_server
     server, bound, servables = start_server(export_dir, host, port)
     for name, servable in servables:
@@ -162,7 +250,11 @@ def serve(export_dir, host, port):
 @click.argument("files", nargs=-1, type=click.Path())
 @clear_errors
 def predict(server, model_name, signature, rest, metadata, timeout, files):
-    """Classify PNG, .npy or IDX images with a served model."""
+    """Classify PNG, .npy or IDX images with a served model.
+
+    \b
+    Example: capstf predict --server 127.0.0.1:8500 digit.png digits.npy
+    """
     from capstf.serving import client
     if metadata:
         click.echo(json.dumps(client.metadata_grpc(server, model_name, timeout), indent=2))
@@ -179,13 +271,17 @@ def predict(server, model_name, signature, rest, metadata, timeout, files):
 
 @main.group()
 def visualize():
-    """Draw the paper's figures (reconstructions, perturbations, MultiMNIST overlays) as PNG."""
+    """Draw the paper's figures (reconstructions, perturbations, MultiMNIST overlays) as PNG.
+
+    \b
+    Example: capstf visualize reconstructions --model-dir runs/mnist --out recon.png
+    """
 
 
 def figure_options(f):
     for option in reversed([
             click.option("--model-dir", required=True, help="A folder written by `capstf train`."),
-            click.option("--dataset", type=click.Choice(DATASETS), default=None, help="Default: the one trained on."),
+            click.option("--dataset", type=click.Choice(tuple(DATASETS)), default=None, help="Default: the one trained on."),
             click.option("--data-dir", default=None, metavar="DIR|sample", help="Default: the model's own."),
             click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG file.")]):
         f = option(f)
@@ -197,7 +293,11 @@ def figure_options(f):
 @click.option("--count", type=click.IntRange(1, 200), default=20, show_default=True)
 @clear_errors
 def visualize_reconstructions(model_dir, dataset, data_dir, out, count):
-    """Inputs above their reconstructions, (label, prediction, target); misclassified first (Figure 3)."""
+    """Inputs above their reconstructions, (label, prediction, target); misclassified first (Figure 3).
+
+    \b
+    Example: capstf visualize reconstructions --model-dir runs/mnist --count 10 --out recon.png
+    """
     from capstf import visualize as figures
     click.echo(json.dumps(figures.reconstructions(model_dir, out, dataset, data_dir, count)))
 
@@ -207,7 +307,11 @@ def visualize_reconstructions(model_dir, dataset, data_dir, out, count):
 @click.option("--index", type=click.IntRange(0, 99), default=0, show_default=True, help="Which test example.")
 @clear_errors
 def visualize_perturbations(model_dir, dataset, data_dir, out, index):
-    """Each capsule dimension moved from -0.25 to 0.25, decoded: one row per dimension (Figure 4)."""
+    """Each capsule dimension moved from -0.25 to 0.25, decoded: one row per dimension (Figure 4).
+
+    \b
+    Example: capstf visualize perturbations --model-dir runs/mnist --out perturbations.png
+    """
     from capstf import visualize as figures
     click.echo(json.dumps(figures.perturbations(model_dir, out, dataset, data_dir, index)[0]))
 
@@ -217,7 +321,11 @@ def visualize_perturbations(model_dir, dataset, data_dir, out, index):
 @click.option("--count", type=click.IntRange(1, 100), default=16, show_default=True)
 @clear_errors
 def visualize_multimnist(model_dir, dataset, data_dir, out, count):
-    """MultiMNIST inputs with both reconstructed digits in red and green; wrong ones framed (Figure 5)."""
+    """MultiMNIST inputs with both reconstructed digits in red and green; wrong ones framed (Figure 5).
+
+    \b
+    Example: capstf visualize multimnist --model-dir runs/multimnist --count 8 --out mm.png
+    """
     from capstf import visualize as figures
     click.echo(json.dumps(figures.multimnist(model_dir, out, dataset, data_dir, count)))
 

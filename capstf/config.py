@@ -9,18 +9,26 @@ import json
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, NamedTuple, Optional
 
 from capstf.errors import CapstfError
 
-DATASETS = ("mnist", "multimnist", "expanded-mnist", "affnist")  # as capstf.data.datasets.SPECS
+class Canvas(NamedTuple):
+    size: int              # height and width of the generated images
+    digits_per_image: int  # MultiMNIST: 2
+
+
+DATASETS = {"mnist": Canvas(28, 1), "multimnist": Canvas(36, 2),  # capstf.data.datasets generates each
+            "expanded-mnist": Canvas(40, 1), "affnist": Canvas(40, 1)}
 TRAINABLE = ("mnist", "multimnist", "expanded-mnist")  # affnist is a test set only
+ROUTING_GRADIENTS = ("all", "final")  # see capstf.layers.route_by_agreement
 
 
 @dataclasses.dataclass
 class DataConfig:
     dataset: str = "mnist"           # mnist | multimnist | expanded-mnist | affnist
     data_dir: str = ""               # "" = TFDS; "sample" = bundled digits; or an IDX folder
+    validation_digits: int = 0       # the last this many training digits are held out for validation
     max_shift: int = 2               # training shift per axis, in pixels
     train_max_rotation_deg: float = 0.0  # mnist, expanded-mnist training: also rotate by up to this
     train_max_scale_change: float = 0.0  # ... and scale by 1 +- up to this (0, 0: shifts only)
@@ -44,8 +52,12 @@ class ModelConfig:
     primary_caps_dim: int = 8
     digit_caps_dim: int = 16
     routing_iters: int = 3
+    routing_gradients: str = "all"   # all (Procedure 1) | final (agreement updates see u_hat as constant)
+    routing_none_of_the_above: bool = False  # an extra routing parent fixed at logit 0 (the paper's CIFAR10)
     decoder: bool = True
     reconstruction_weight: float = 0.0005
+    baseline_pool: bool = False      # baseline CNN: 2x2 max-pooling after its first two convolutions
+    baseline_hidden: int = 328       # baseline CNN: width of its first hidden layer (the paper's 328)
 
 
 @dataclasses.dataclass
@@ -86,12 +98,20 @@ class Config:
                    paper=dict(d.get("paper", {})), recipe=d.get("recipe", ""))
 
 
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
 def _build(cls, values: Mapping, section: str):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
     if unknown:
         raise CapstfError(f"Unknown setting(s) {', '.join(f'{section}.{k}' for k in sorted(unknown))}; "
-                          f"[{section}] accepts: {', '.join(sorted(names))}.")
+                          f"[{section}] accepts: {', '.join(sorted(fields))}.")
+    for name, value in values.items():
+        kind = fields[name]
+        accepted = (int, float) if kind is float else (kind,)
+        if not isinstance(value, accepted) or (isinstance(value, bool) and kind is not bool):
+            raise CapstfError(f"{section}.{name} = {value!r}: expected {TYPE_NAMES[kind]}.")
     return cls(**values)
 
 
@@ -169,7 +189,7 @@ def _parse(key, text, kind):
             return text.lower() in ("true", "1")
         return kind(text)
     except ValueError:
-        raise CapstfError(f"{key}={text!r}: expected a {kind.__name__}.") from None
+        raise CapstfError(f"{key}={text!r}: expected {TYPE_NAMES[kind]}.") from None
 
 
 CHOICES = {"train.jit": ("auto", "routing", "step", "off"),
@@ -177,7 +197,8 @@ CHOICES = {"train.jit": ("auto", "routing", "step", "off"),
            "train.distribute": ("auto", "mirrored", "multi-worker", "one-device"),
            "train.schedule": ("exponential", "cosine"),
            "model.kind": ("capsnet", "baseline"),
-           "data.dataset": DATASETS}
+           "model.routing_gradients": ROUTING_GRADIENTS,
+           "data.dataset": tuple(DATASETS)}
 
 
 def validate(cfg: Config):
@@ -190,10 +211,13 @@ def validate(cfg: Config):
     positive = {"train.batch_size": cfg.train.batch_size, "model.routing_iters": cfg.model.routing_iters,
                 "train.checkpoint_every": cfg.train.checkpoint_every,
                 "data.partners_per_digit": cfg.data.partners_per_digit,
-                "train.decay_steps": cfg.train.decay_steps, "train.log_every": cfg.train.log_every}
+                "train.decay_steps": cfg.train.decay_steps, "train.log_every": cfg.train.log_every,
+                "model.baseline_hidden": cfg.model.baseline_hidden}
     for key, value in positive.items():
         if value < 1:
             raise CapstfError(f"{key} must be at least 1, got {value}.")
+    if cfg.data.validation_digits < 0:
+        raise CapstfError(f"data.validation_digits must be at least 0, got {cfg.data.validation_digits}.")
     if cfg.train.steps < 0 or cfg.train.epochs < 0 or (cfg.train.steps == 0 and cfg.train.epochs == 0):
         raise CapstfError("Train for a positive number of --steps or --epochs.")
     if min(cfg.data.train_max_rotation_deg, cfg.data.train_rotate_scale_epochs) < 0 or \
@@ -205,10 +229,7 @@ def validate(cfg: Config):
         raise CapstfError("Training rotation and scaling are for --dataset mnist and expanded-mnist only.")
     if not 0 < cfg.train.learning_rate < 1:
         raise CapstfError(f"train.learning_rate must be in (0, 1), got {cfg.train.learning_rate}.")
-    from capstf.data.datasets import spec  # imports TensorFlow: not at CLI start-up
-    data_spec = spec(cfg.data.dataset)
-    cfg.model.input_size = data_spec.canvas
-    cfg.model.digits_per_image = data_spec.digits_per_image
+    cfg.model.input_size, cfg.model.digits_per_image = DATASETS[cfg.data.dataset]
 
 
 def save(cfg: Config, model_dir: Path):
@@ -233,14 +254,20 @@ def describe_changes(changes: Mapping[str, tuple]) -> str:
     return "; ".join(f"{key}: {old} -> {new}" for key, (old, new) in changes.items())
 
 
-def check_compatible(saved: Config, new: Config, model_dir) -> Dict[str, tuple]:
-    """A model dir must not silently mix two experiments: the model and data set must match.
+WEIGHT_SHAPE_SETTINGS = {f"model.{name}" for name in (  # what the checkpoint's weights are shaped by
+    "kind", "input_size", "channels", "num_classes", "digits_per_image", "conv1_filters", "primary_caps_types",
+    "primary_caps_dim", "digit_caps_dim", "decoder", "baseline_pool", "baseline_hidden")}
 
-    Returns the other changed settings (schedule, augmentation, ...), which a resumed run may
-    change but should say it did.
+
+def check_compatible(saved: Config, new: Config, model_dir) -> Dict[str, tuple]:
+    """A model dir must not silently mix two experiments: the weights' shapes and the data set
+    must match.
+
+    Returns the other changed settings (schedule, loss weights, routing, augmentation, ...),
+    which a resumed run may change but should say it did.
     """
     changed = changed_settings(saved, new)
-    incompatible = {k: v for k, v in changed.items() if k.startswith("model.") or k == "data.dataset"}
+    incompatible = {k: v for k, v in changed.items() if k in WEIGHT_SHAPE_SETTINGS or k == "data.dataset"}
     if incompatible:
         raise CapstfError(f"{model_dir} holds a model trained with a different configuration "
                           f"({describe_changes(incompatible)}). Use another --model-dir, or the same settings.")

@@ -1,5 +1,16 @@
-"""The one exception type the CLI turns into a clear message and a non-zero exit."""
+"""The exceptions the CLI turns into one clear line on stderr and an exit code."""
 
 
 class CapstfError(Exception):
-    """A problem the user can fix (bad flag, missing file, incompatible model dir)."""
+    """Bad usage or input the user can fix (a flag, a file, an incompatible model dir): exit 2."""
+    exit_code = 2
+
+
+class RuntimeFailure(CapstfError):
+    """The input was fine but the work failed (unreachable server, full disk, a failed check): exit 1."""
+    exit_code = 1
+
+
+class Preempted(RuntimeFailure):
+    """Training stopped on SIGTERM after checkpointing its last step; the same command resumes it."""
+    exit_code = 143  # 128 + SIGTERM, what schedulers expect of a process that stopped on SIGTERM

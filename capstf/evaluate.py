@@ -5,21 +5,11 @@ from pathlib import Path
 import tensorflow as tf
 
 from capstf import config as config_lib
+from capstf.checkpoints import restore_for_inference
 from capstf.data.datasets import SPECS, make_dataset, num_examples, spec
 from capstf.data.sources import load_digits
 from capstf.errors import CapstfError
-from capstf.model.losses import multi_hot
-
-
-def exact_match(probabilities, labels):
-    """[batch] bool: the k highest scores are exactly the k labels (k = 1 or 2 digits).
-
-    For MultiMNIST this is the paper's rule: both longest capsules must be the true classes.
-    """
-    labels = tf.reshape(labels, [tf.shape(labels)[0], -1])
-    num_classes = probabilities.shape[-1]
-    predicted = multi_hot(tf.math.top_k(probabilities, labels.shape[1]).indices, num_classes)
-    return tf.reduce_all(tf.equal(predicted, multi_hot(labels, num_classes)), axis=-1)
+from capstf.metrics import exact_match
 
 
 def score(model, dataset) -> dict:
@@ -47,26 +37,57 @@ def check_dataset_fits(cfg, dataset, model_dir):
                           f"({cfg.model.input_size}x{cfg.model.input_size}); it cannot take {dataset}.")
 
 
-def evaluate(model_dir, dataset=None, data_dir=None, split="test", limit=0,
-             partners_per_digit=None, batch_size=100) -> dict:
-    """Restores the newest checkpoint in model_dir and scores it; writes eval_<dataset>_<split>.json."""
-    from capstf.train import restore_for_inference  # train imports this module
-    model_dir = Path(model_dir)
-    cfg = config_lib.load_saved(model_dir)
+class Ensemble:
+    """Several models scored as one: their capsule lengths averaged (the paper's CIFAR10 ensemble)."""
+
+    def __init__(self, models):
+        self.models = models
+
+    def __call__(self, images, training=False):
+        lengths = [model(images, training=training)["probabilities"] for model in self.models]
+        return {"probabilities": tf.add_n(lengths) / len(lengths)}
+
+    def count_params(self):
+        return sum(model.count_params() for model in self.models)
+
+
+def measure(model_dirs, dataset=None, data_dir=None, split="test", limit=0,
+            partners_per_digit=None, checkpoint=None, batch_size=100) -> dict:
+    """The paper's metrics of a checkpoint (default: the newest) in a model dir, or of an ensemble
+    of several model dirs, on a data set (default: the one trained on), as a dict."""
+    model_dirs = [Path(model_dirs)] if isinstance(model_dirs, (str, Path)) else [Path(d) for d in model_dirs]
+    if checkpoint and len(model_dirs) > 1:
+        raise CapstfError("Name a checkpoint for one model dir, not for an ensemble.")
+    configs = [config_lib.load_saved(model_dir) for model_dir in model_dirs]
+    cfg = configs[0]
     dataset = dataset or cfg.data.dataset
-    check_dataset_fits(cfg, dataset, model_dir)
+    for model_dir, model_cfg in zip(model_dirs, configs):
+        check_dataset_fits(model_cfg, dataset, model_dir)
     cfg.data.dataset = dataset
     if data_dir is not None:
         cfg.data.data_dir = data_dir
     if partners_per_digit:
         cfg.data.partners_per_digit = partners_per_digit
-    model, step = restore_for_inference(model_dir, cfg)
-    digits = load_digits(cfg.data.data_dir, split, dataset)
-    data = make_dataset(cfg.data, digits, split, batch_size, cfg.train.seed, limit=limit)
-    metrics = {"dataset": dataset, "split": split, "step": step, **score(model, data)}
+    restored = [restore_for_inference(d, c, checkpoint) for d, c in zip(model_dirs, configs)]
+    model = restored[0][0] if len(restored) == 1 else Ensemble([m for m, _ in restored])
+    digits = load_digits(cfg.data.data_dir, split, dataset, cfg.data.validation_digits)
+    # Either split is scored as a test set: one deterministic pass, digits unshifted.
+    data = make_dataset(cfg.data, digits, "test", batch_size, cfg.train.seed, limit=limit)
+    metrics = {"dataset": dataset, "split": split, "step": restored[0][1] if len(restored) == 1 else [s for _, s in restored],
+               **score(model, data), "parameters": model.count_params()}
+    if len(restored) > 1:
+        metrics["ensemble"] = [str(d) for d in model_dirs]
     if dataset == "multimnist":
         metrics["partners_per_digit"] = cfg.data.partners_per_digit
         metrics["both_correct_accuracy"] = metrics["accuracy"]
-    metrics["available_examples"] = num_examples(cfg.data, digits, split)
-    (model_dir / f"eval_{dataset}_{split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    metrics["available_examples"] = num_examples(cfg.data, digits, "test")
+    return metrics
+
+
+def evaluate(model_dirs, dataset=None, data_dir=None, split="test", limit=0, partners_per_digit=None) -> dict:
+    """`measure`s the newest checkpoint(s); one model dir also gets eval_<dataset>_<split>.json."""
+    metrics = measure(model_dirs, dataset, data_dir, split, limit, partners_per_digit)
+    if "ensemble" not in metrics:
+        model_dir = model_dirs if isinstance(model_dirs, (str, Path)) else model_dirs[0]
+        (Path(model_dir) / f"eval_{metrics['dataset']}_{split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics

@@ -16,9 +16,10 @@ import numpy as np
 import tensorflow as tf
 
 from capstf import config as config_lib
+from capstf.checkpoints import restore_for_inference
 from capstf.data.datasets import make_dataset
 from capstf.data.sources import load_digits
-from capstf.errors import CapstfError
+from capstf.errors import CapstfError, RuntimeFailure
 
 ONNX_OPSET = 17
 TOLERANCE = 1e-4
@@ -67,9 +68,12 @@ def next_version(base: Path) -> int:
 
 
 def export(model_dir, export_dir, name="capsnet", version=None, formats=("savedmodel", "onnx"),
-           xla=False, verify_examples=64) -> dict:
-    """Exports the newest checkpoint of model_dir; returns the export report."""
-    from capstf.train import restore_for_inference
+           xla=False, verify_examples=64, data_dir=None) -> dict:
+    """Exports the newest checkpoint of model_dir; returns the export report.
+
+    data_dir: where the test digits that verify the exports come from (default: the training
+    data's source; `sample`, the bundled digits, needs neither network nor files).
+    """
     model_dir, export_dir = Path(model_dir), Path(export_dir)
     unknown = set(formats) - {"savedmodel", "onnx"}
     if unknown or not formats:
@@ -87,8 +91,10 @@ def export(model_dir, export_dir, name="capsnet", version=None, formats=("savedm
     try:
         base.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CapstfError(f"Cannot write to --export-dir {export_dir}: {e.strerror}.") from None
+        raise RuntimeFailure(f"Cannot write to --export-dir {export_dir}: {e.strerror}.") from None
 
+    if data_dir is not None:
+        cfg.data.data_dir = data_dir
     digits = load_digits(cfg.data.data_dir, "test")
     batch = next(iter(make_dataset(cfg.data, digits, "test", verify_examples, cfg.train.seed, limit=verify_examples)))
     images = batch["image"]
@@ -115,7 +121,7 @@ def _max_differences(expected: dict, actual: dict) -> dict:
 def _check(diffs: dict, what: str):
     bad = {k: v for k, v in diffs.items() if not v <= TOLERANCE}
     if bad:
-        raise CapstfError(f"{what} disagrees with the trained model beyond {TOLERANCE}: {bad}; nothing was exported.")
+        raise RuntimeFailure(f"{what} disagrees with the trained model beyond {TOLERANCE}: {bad}; nothing was exported.")
 
 
 def _export_savedmodel(module, base, target, images, reference, xla):
@@ -127,7 +133,7 @@ def _export_savedmodel(module, base, target, images, reference, xla):
         diffs = _max_differences(reference, loaded.signatures["serving_default"](images=images))
         _check(diffs, "The SavedModel")
         if not xla and b"_XlaMustCompile" in b"".join(p.read_bytes() for p in scratch.rglob("*.pb")):
-            raise CapstfError("The SavedModel holds XLA must-compile attributes; TF Serving and tf2onnx cannot run them.")
+            raise RuntimeFailure("The SavedModel holds XLA must-compile attributes; TF Serving and tf2onnx cannot run them.")
         os.rename(scratch, target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -151,7 +157,7 @@ def _export_onnx(module, path, images, reference):
     except CapstfError:
         raise
     except Exception as e:  # tf2onnx and onnxruntime raise many types
-        raise CapstfError(f"ONNX conversion failed ({type(e).__name__}: {e}); nothing was exported.") from None
+        raise RuntimeFailure(f"ONNX conversion failed ({type(e).__name__}: {e}); nothing was exported.") from None
     finally:
         if scratch.exists():
             scratch.unlink()

@@ -6,7 +6,9 @@ optimizer under the strategy, resume from the newest checkpoint, then loop over 
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -16,11 +18,14 @@ from tensorflow import keras
 from tqdm import tqdm
 
 from capstf import config as config_lib
+from capstf.checkpoints import checkpoint_dir, list_checkpoints, prepare_model_dir, restore_newest_readable
 from capstf.data.datasets import make_dataset
 from capstf.data.sources import load_digits
-from capstf.errors import CapstfError
-from capstf.evaluate import exact_match, score
+from capstf.errors import CapstfError, Preempted, RuntimeFailure
+from capstf.evaluate import score
+from capstf.metrics import exact_match
 from capstf.model import build_model
+from capstf.visualize import predict_batch, reconstruction_sheet
 
 
 # ------------------------------------------------------------------------ device choices
@@ -38,19 +43,32 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def device_defaults(train_cfg):
-    """(jit, precision), replacing "auto" by the fastest correct choice measured per device.
+def gpu_compute_capabilities():
+    """[(major, minor)] of each visible GPU; empty on a machine without one."""
+    return [tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
+            for gpu in tf.config.list_physical_devices("GPU")]
 
-    CPU (benchmarks/train_step.py): XLA on the capsule layers but not the convolutions (XLA's
-    CPU convolutions made the whole step ~12x slower), and bfloat16 convolutions where
-    AVX512-BF16 exists. GPU: not measured here; the same choices are the safe ones.
+
+def device_defaults(train_cfg, gpus=None):
+    """(jit, precision, forward_conv_gradients), "auto" replaced by the choice for this device.
+
+    gpus: the GPUs' compute capabilities (default: the visible ones'; tests pass fakes).
+    CPU (measured, benchmarks/train_step.py): XLA on the capsule layers but not the
+    convolutions (XLA's CPU convolutions made the whole step ~12x slower); bfloat16
+    convolutions where AVX512-BF16 exists; the convolution gradients computed as forward
+    convolutions (tuned for oneDNN). GPU (not yet measured): the safe choices: TensorFlow's
+    own convolution gradients, bfloat16 only where the GPU has it (compute capability 8.0 on),
+    float16 with loss scaling on 7.x, float32 on older GPUs. Mixed GPUs get the oldest's choice.
     """
+    gpus = gpu_compute_capabilities() if gpus is None else gpus
     jit = "routing" if train_cfg.jit == "auto" else train_cfg.jit
     precision = train_cfg.precision
-    if precision == "auto":
-        gpu = bool(tf.config.list_physical_devices("GPU"))
-        precision = "mixed_bfloat16" if (gpu or cpu_has_bf16()) else "float32"
-    return jit, precision
+    if precision == "auto" and gpus:
+        oldest = min(tuple(c) for c in gpus)
+        precision = "mixed_bfloat16" if oldest >= (8, 0) else "mixed_float16" if oldest >= (7, 0) else "float32"
+    elif precision == "auto":
+        precision = "mixed_bfloat16" if cpu_has_bf16() else "float32"
+    return jit, precision, not gpus
 
 
 def make_strategy(kind: str) -> tf.distribute.Strategy:
@@ -105,13 +123,15 @@ class FusedAdam(keras.optimizers.Adam):
             beta1=beta_1, beta2=beta_2, epsilon=epsilon, grad=grad)
 
 
-def build_state(cfg, jit, precision, total_steps=1):
+def build_state(cfg, jit, precision, total_steps=1, forward_conv_gradients=True):
     """Model, optimizer and checkpoint (to be called under strategy.scope()).
 
     total_steps: the run's length, which the cosine schedule spans.
+    forward_conv_gradients: see `device_defaults`.
     """
     keras.utils.set_random_seed(cfg.train.seed)
-    model = build_model(cfg.model, jit_routing=(jit == "routing"), precision=precision)
+    model = build_model(cfg.model, jit_routing=(jit == "routing"), precision=precision,
+                        forward_conv_gradients=forward_conv_gradients)
     if cfg.train.schedule == "cosine":
         schedule = keras.optimizers.schedules.CosineDecay(cfg.train.learning_rate, total_steps)
     else:
@@ -121,17 +141,12 @@ def build_state(cfg, jit, precision, total_steps=1):
     if precision == "mixed_float16":  # float16 gradients underflow without loss scaling
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
-    return model, optimizer, tf.train.Checkpoint(model=model, optimizer=optimizer)
-
-
-def restore_for_inference(model_dir, cfg):
-    """The model of the newest checkpoint in model_dir, in float32 with plain-graph routing."""
-    latest = tf.train.latest_checkpoint(str(Path(model_dir) / "checkpoints"))
-    if latest is None:
-        raise CapstfError(f"{model_dir} has no checkpoint yet; train first.")
-    model = build_model(cfg.model, jit_routing=False, precision="float32")
-    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-    return model, int(latest.rsplit("-", 1)[1])
+    # examples_seen is the data position to resume from (steps x batch size would be wrong
+    # after a change of --batch-size); train_seconds adds up the training time over resumes.
+    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                     examples_seen=tf.Variable(0, dtype=tf.int64, trainable=False),
+                                     train_seconds=tf.Variable(0.0, dtype=tf.float64, trainable=False))
+    return model, optimizer, checkpoint
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -141,14 +156,18 @@ def train(cfg, model_dir, quiet=None) -> dict:
     model_dir = Path(model_dir)
     quiet = (not sys.stderr.isatty()) if quiet is None else quiet
     strategy = make_strategy(cfg.train.distribute)
-    jit, precision = device_defaults(cfg.train)
+    jit, precision, forward_conv_gradients = device_defaults(cfg.train)
     chief = is_chief(strategy)
-    train_digits = load_digits(cfg.data.data_dir, "train")
-    test_digits = load_digits(cfg.data.data_dir, "test") if cfg.train.eval_examples else None
-    changed = prepare_model_dir(cfg, model_dir, chief)
+    train_digits = load_digits(cfg.data.data_dir, "train", validation_digits=cfg.data.validation_digits)
+    # Scored after each epoch: the held-out training digits if there are any, else the test digits.
+    eval_split = "validation" if cfg.data.validation_digits else "test"
+    eval_digits = load_digits(cfg.data.data_dir, eval_split, validation_digits=cfg.data.validation_digits) \
+        if cfg.train.eval_examples and chief else None
+    changed, lock = prepare_model_dir(cfg, model_dir, chief)
     log = (lambda msg: None) if not chief else (lambda msg: tqdm.write(msg, file=sys.stdout))
-    log(f"capstf: {cfg.recipe} on {strategy.num_replicas_in_sync} replica(s), jit={jit}, "
-        f"precision={precision}, model dir {model_dir}")
+    device_kind = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
+    log(f"capstf: training {cfg.data.dataset} (recipe {cfg.recipe}) on {strategy.num_replicas_in_sync} "
+        f"{device_kind} replica(s), {precision}, jit={jit}; model dir {model_dir} (full config: config.json)")
     global_batch = cfg.train.batch_size
     if global_batch % strategy.num_replicas_in_sync:
         raise CapstfError(f"--batch-size {global_batch} must divide evenly over "
@@ -157,18 +176,23 @@ def train(cfg, model_dir, quiet=None) -> dict:
     total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * steps_per_epoch)
 
     with strategy.scope():
-        model, optimizer, checkpoint = build_state(cfg, jit, precision, total_steps)
-    manager = tf.train.CheckpointManager(
-        checkpoint, str(checkpoint_dir(model_dir, strategy, chief)), cfg.train.keep_checkpoints)
-    manager.restore_or_initialize()
+        model, optimizer, checkpoint = build_state(cfg, jit, precision, total_steps, forward_conv_gradients)
+    # Every worker resumes from the chief's newest readable checkpoint; workers other than the
+    # chief write theirs to scratch (saving is collective), deleted when the run ends.
+    restore_newest_readable(checkpoint, [path for _, path in list_checkpoints(model_dir)], model_dir)
+    own_checkpoints = checkpoint_dir(model_dir, None if chief else strategy.cluster_resolver.task_id)
+    manager = tf.train.CheckpointManager(checkpoint, str(own_checkpoints), cfg.train.keep_checkpoints)
     start = int(optimizer.iterations.numpy())
+    # Checkpoints written before capstf counted examples hold 0: their position is steps x batch.
+    start_example = int(checkpoint.examples_seen.numpy()) or start * global_batch
+    trained_before = float(checkpoint.train_seconds.numpy())
     if start:
         log(f"resumed from step {start}" + (f"; already trained past --steps {total_steps}" if start >= total_steps else "")
             + (f"; settings changed since: {config_lib.describe_changes(changed)}" if changed else ""))
 
     def dataset_fn(ctx: tf.distribute.InputContext):
         return make_dataset(cfg.data, train_digits, "train", ctx.get_per_replica_batch_size(global_batch),
-                            cfg.train.seed, start_example=start * global_batch,
+                            cfg.train.seed, start_example=start_example,
                             pipeline_id=ctx.input_pipeline_id, num_pipelines=ctx.num_input_pipelines)
     batches = iter(strategy.distribute_datasets_from_function(dataset_fn))
     train_step = make_train_step(model, optimizer, strategy, global_batch, jit == "step")
@@ -177,17 +201,38 @@ def train(cfg, model_dir, quiet=None) -> dict:
     writer = tf.summary.create_file_writer(str(model_dir / "train")) if chief else tf.summary.create_noop_writer()
     sums, t0, seen = {}, time.perf_counter(), 0
     run_start, eval_seconds = t0, 0.0
+
+    def save(step):
+        checkpoint.examples_seen.assign(start_example + (step - start) * global_batch)
+        checkpoint.train_seconds.assign(trained_before + time.perf_counter() - run_start - eval_seconds)
+        last_good = manager.latest_checkpoint
+        try:
+            manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as e:
+            raise RuntimeFailure(f"Cannot write the step-{step} checkpoint to {own_checkpoints} "
+                                 f"({getattr(e, 'message', None) or e}); the last good one, {last_good}, "
+                                 "is intact: free space or fix the folder, then rerun to resume.") from None
+
+    def save_unless_saved(step):
+        if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{step}"):
+            save(step)
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=quiet or not chief, dynamic_ncols=True)
     result = {"step": start}
-    with writer.as_default():
+    # Saving is collective: one worker of several cannot save on its own when it alone is
+    # interrupted, so only single-process runs checkpoint on SIGTERM or Ctrl-C (multi-worker
+    # runs keep their periodic checkpoints).
+    alone = not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    with writer.as_default(), SigtermFlag(enabled=alone) as sigterm:
         try:
             for step in range(start + 1, total_steps + 1):
+                if sigterm.received:
+                    break
                 metrics = {k: float(v) for k, v in train_step(batches).items()}
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 seen += global_batch
                 if step % cfg.train.checkpoint_every == 0:
-                    manager.save(checkpoint_number=step)
+                    save(step)
                 if step % cfg.train.log_every == 0 or step == total_steps:
                     rate = seen / (time.perf_counter() - t0)
                     means = {k: v / sums["examples"] for k, v in sums.items() if k != "examples"}
@@ -200,33 +245,56 @@ def train(cfg, model_dir, quiet=None) -> dict:
                 if chief and (step % cfg.train.checkpoint_every == 0 or step == total_steps):
                     log_reconstructions(model, preview, step)
                 bar.update(1)
-                if test_digits is not None and (step % steps_per_epoch == 0 or step == total_steps):
+                if chief and eval_digits is not None and (step % steps_per_epoch == 0 or step == total_steps):
                     eval_start = time.perf_counter()
-                    ev = score(model, make_dataset(cfg.data, test_digits, "test", 100, cfg.train.seed,
+                    ev = score(model, make_dataset(cfg.data, eval_digits, "test", 100, cfg.train.seed,
                                                    limit=cfg.train.eval_examples))
-                    tf.summary.scalar("test_accuracy", ev["accuracy"], step=step)
-                    log(f"step {step} (epoch {step / steps_per_epoch:.2f}): test accuracy "
+                    tf.summary.scalar(f"{eval_split}_accuracy", ev["accuracy"], step=step)
+                    log(f"step {step} (epoch {step / steps_per_epoch:.2f}): {eval_split} accuracy "
                         f"{ev['accuracy']:.4f} on {ev['examples']} examples; trained "
                         f"{eval_start - run_start - eval_seconds:.0f} s in this run")
                     spent = time.perf_counter() - eval_start
                     eval_seconds += spent
                     t0 += spent  # examples/s counts training only
-                    result["test_accuracy"] = ev["accuracy"]
+                    result[f"{eval_split}_accuracy"] = ev["accuracy"]
         except KeyboardInterrupt:  # keep every finished step, then stop
-            save_latest(manager, optimizer)
+            if alone:
+                save_unless_saved(int(optimizer.iterations.numpy()))
             raise
-        save_latest(manager, optimizer)
+        save_unless_saved(int(optimizer.iterations.numpy()))
     bar.close()
+    if lock:
+        lock.close()
+    if sigterm.received:
+        raise Preempted(f"stopped by SIGTERM after step {int(optimizer.iterations.numpy())} of {total_steps}, "
+                        f"checkpointed in {own_checkpoints}; rerun the same command to resume.")
     if not chief:  # workers save only because saving is collective; their copies are scratch
-        shutil.rmtree(checkpoint_dir(model_dir, strategy, chief), ignore_errors=True)
-    return result
+        shutil.rmtree(own_checkpoints, ignore_errors=True)
+    return {**result, "examples_seen": int(checkpoint.examples_seen.numpy()),
+            "train_seconds": round(float(checkpoint.train_seconds.numpy()), 1)}
 
 
-def save_latest(manager, optimizer):
-    """Checkpoints the current step unless the newest checkpoint already holds it."""
-    step = int(optimizer.iterations.numpy())
-    if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{step}"):
-        manager.save(checkpoint_number=step)
+class SigtermFlag:
+    """While active (and enabled), SIGTERM (what Kubernetes and batch schedulers send before a
+    kill) sets `received` instead of killing the process, so the loop can finish its step and
+    checkpoint."""
+
+    def __init__(self, enabled=True):
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.received = False
+        self.previous = None
+        if self.enabled and threading.current_thread() is threading.main_thread():  # signals reach the main thread
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def make_train_step(model, optimizer, strategy, global_batch, jit_step):
@@ -256,34 +324,7 @@ def make_train_step(model, optimizer, strategy, global_batch, jit_step):
 
 def log_reconstructions(model, batch, step):
     """TensorBoard image: `capstf visualize reconstructions`' sheet for a fixed batch."""
-    from capstf.visualize import predict_batch, reconstruction_sheet
     out, labels, predictions = predict_batch(model, model.cfg.digits_per_image, batch)
     if "reconstructions" in out:
         sheet = reconstruction_sheet(batch["image"].numpy(), out["reconstructions"].numpy(), labels, predictions)
         tf.summary.image("reconstructions", np.asarray(sheet)[None], step=step)
-
-
-# --------------------------------------------------------------------------- model dir
-
-def checkpoint_dir(model_dir: Path, strategy, chief: bool) -> Path:
-    if chief:
-        return model_dir / "checkpoints"
-    return model_dir / "worker_scratch" / str(strategy.cluster_resolver.task_id)
-
-
-def prepare_model_dir(cfg, model_dir: Path, chief: bool):
-    """Creates the model dir, or checks that an existing one holds the same experiment; returns
-    the settings changed since (see config.check_compatible)."""
-    changed = {}
-    saved_path = model_dir / "config.json"
-    if saved_path.is_file():
-        changed = config_lib.check_compatible(config_lib.load_saved(model_dir), cfg, model_dir)
-    elif model_dir.exists() and not model_dir.is_dir():
-        raise CapstfError(f"--model-dir {model_dir} exists and is not a folder.")
-    if chief:
-        try:
-            model_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise CapstfError(f"Cannot create --model-dir {model_dir}: {e.strerror}.") from None
-        config_lib.save(cfg, model_dir)
-    return changed

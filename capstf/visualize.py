@@ -6,9 +6,10 @@ import tensorflow as tf
 from PIL import Image, ImageDraw
 
 from capstf import config as config_lib
+from capstf.checkpoints import restore_for_inference
 from capstf.data.datasets import make_dataset
 from capstf.data.sources import load_digits
-from capstf.errors import CapstfError
+from capstf.errors import CapstfError, RuntimeFailure
 
 SCALE = 3        # pixels per digit pixel
 CAPTION = 12     # caption height in pixels
@@ -77,7 +78,6 @@ def overlay_sheet(images, reconstructions, labels, predictions):
 
 def _load(model_dir, dataset, data_dir):
     from capstf.evaluate import check_dataset_fits
-    from capstf.train import restore_for_inference
     cfg = config_lib.load_saved(model_dir)
     check_dataset_fits(cfg, dataset or cfg.data.dataset, model_dir)
     cfg.data.dataset = dataset or cfg.data.dataset
@@ -101,7 +101,7 @@ def _save(image, out):
     try:
         image.save(out, format="PNG")
     except OSError as e:
-        raise CapstfError(f"Cannot write {out}: {e}.") from None
+        raise RuntimeFailure(f"Cannot write {out}: {e}.") from None
     return {"out": str(out), "width": image.width, "height": image.height}
 
 

@@ -275,7 +275,7 @@ def test_drawn_affine_parameters_stay_in_their_ranges():
 def test_config_names_every_data_set():
     from capstf.config import DATASETS
     from capstf.data.datasets import SPECS
-    assert tuple(SPECS) == DATASETS
+    assert tuple(SPECS) == tuple(DATASETS)
 
 
 def test_offline_tfds_fails_fast_naming_the_ways_out(monkeypatch, tmp_path):
@@ -290,3 +290,13 @@ def test_offline_tfds_fails_fast_naming_the_ways_out(monkeypatch, tmp_path):
     with pytest.raises(CapstfError, match="--data-dir sample") as error:
         load_digits("", "train")
     assert "storage.googleapis.com" in str(error.value) and time.perf_counter() - start < 5
+
+
+@pytest.mark.parametrize("start", [0, 40])  # 40: resumed mid-stream
+def test_input_pipelines_together_yield_exactly_the_one_pipeline_stream(train_digits, start):
+    cfg = DataConfig(dataset="multimnist", max_shift=4)
+    one = take(cfg, train_digits, "train", 24, start_example=start)["image"]
+    pipelines = [take(cfg, train_digits, "train", 8, start_example=start, pipeline_id=p, num_pipelines=3)["image"]
+                 for p in range(3)]
+    together = np.stack(pipelines, axis=1).reshape(one.shape)  # example i comes from pipeline i % 3
+    np.testing.assert_array_equal(together, one)

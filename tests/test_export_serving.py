@@ -18,7 +18,7 @@ from capstf.errors import CapstfError
 from capstf.export import export
 from capstf.serving import client
 from capstf.serving.server import start_server
-from capstf.train import restore_for_inference
+from capstf.checkpoints import restore_for_inference
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_next_export_gets_the_next_version_and_existing_versions_are_refused(exp
 def test_export_without_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(small_config().to_dict()))
     result = CliRunner().invoke(main, ["export", "--model-dir", str(tmp_path), "--export-dir", str(tmp_path / "o")])
-    assert result.exit_code == 1 and "no checkpoint" in result.output
+    assert result.exit_code == 2 and "no checkpoint" in result.output
     assert not (tmp_path / "o").exists()
 
 
@@ -123,9 +123,13 @@ def test_metadata_lists_both_signatures(server):
     assert set(meta["signatures"]["serving_default"]["outputs"]) == {"probabilities", "classes", "capsules", "reconstructions"}
 
 
-def raw_predict(server, array, name="capsnet", signature="serving_default", input_name="images"):
+def raw_predict(server, array, name="capsnet", signature="serving_default", input_name="images",
+                version=None, output_filter=()):
     request = predict_pb2.PredictRequest()
     request.model_spec.name, request.model_spec.signature_name = name, signature
+    if version is not None:
+        request.model_spec.version.value = version
+    request.output_filter.extend(output_filter)
     request.inputs[input_name].CopyFrom(tf.make_tensor_proto(array))
     with grpc.insecure_channel(server) as channel:
         return prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
@@ -144,6 +148,9 @@ GOOD = digits(2)
     ({"array": np.zeros([1025, 28, 28, 1], np.float32)}, grpc.StatusCode.INVALID_ARGUMENT),
     ({"array": np.where(GOOD > 0.5, np.nan, GOOD).astype(np.float32)}, grpc.StatusCode.INVALID_ARGUMENT),
     ({"array": GOOD * 255}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"version": 99}, grpc.StatusCode.NOT_FOUND),
+    ({"output_filter": ["logits"]}, grpc.StatusCode.INVALID_ARGUMENT),
+    ({"array": np.round(GOOD * 255).astype(np.uint8)}, grpc.StatusCode.INVALID_ARGUMENT),  # uint8 to the float signature
 ])
 def test_bad_requests_are_rejected_and_the_server_keeps_serving(server, kwargs, code):
     array = kwargs.pop("array", GOOD)
@@ -155,6 +162,31 @@ def test_bad_requests_are_rejected_and_the_server_keeps_serving(server, kwargs, 
 
 def test_unreachable_server_is_a_clear_error():
     result = CliRunner().invoke(main, ["predict", "--server", "127.0.0.1:1", "--timeout", "2", "x.npy"])
-    assert result.exit_code == 1 and "no such file" in result.output
+    assert result.exit_code == 2 and "no such file" in result.output
     with pytest.raises(CapstfError, match="Cannot reach a TF Serving gRPC server"):
         client.predict_grpc("127.0.0.1:1", "capsnet", "serving_default", GOOD, timeout=2)
+
+
+def test_served_predictions_equal_the_trained_models(server, exported):
+    root, cfg, _ = exported
+    model, _ = restore_for_inference(root / "model", cfg)
+    expected = model(GOOD)["probabilities"].numpy()
+    for served in (client.predict_grpc(server, "capsnet", "serving_default", GOOD, timeout=30),
+                   client.predict_grpc(server, "capsnet", "predict_uint8", np.round(GOOD * 255).astype(np.uint8), timeout=30)):
+        np.testing.assert_allclose(served["probabilities"], expected, atol=1e-5)
+        np.testing.assert_array_equal(served["classes"][:, 0], np.argmax(expected, -1))
+
+
+def test_output_filter_returns_only_the_named_outputs(server):
+    response = raw_predict(server, GOOD, output_filter=["classes"])
+    assert set(response.outputs) == {"classes"}
+
+
+def test_metadata_with_an_unsupported_field_is_invalid_argument(server):
+    from tensorflow_serving.apis import get_model_metadata_pb2
+    request = get_model_metadata_pb2.GetModelMetadataRequest()
+    request.model_spec.name = "capsnet"
+    request.metadata_field.append("everything")
+    with grpc.insecure_channel(server) as channel, pytest.raises(grpc.RpcError) as error:
+        prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(request, timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -4,9 +4,8 @@ import tensorflow as tf
 
 from capstf.config import ModelConfig
 from capstf.model import build_model
-from capstf.model.capsnet import mask_capsules
-from capstf.model.losses import margin_loss, reconstruction_loss
-from capstf.model.routing import capsule_length, route_by_agreement, squash
+from capstf.layers import capsule_length, mask_capsules, route_by_agreement, squash
+from capstf.losses import margin_loss, reconstruction_loss
 
 
 def test_squash_keeps_direction_and_maps_lengths_into_unit_interval():
@@ -53,6 +52,57 @@ def test_one_iteration_is_uniform_coupling():
     v, c = route_by_agreement(u_hat, 1)
     np.testing.assert_allclose(c, 0.1, atol=1e-7)
     np.testing.assert_allclose(v, squash(tf.reduce_sum(u_hat, 0) / 10), atol=1e-6)
+
+
+def procedure1(u_hat, iterations):
+    """Procedure 1 of the paper, literally, one example at a time, in float64.
+
+    u_hat: [batch, in_caps, out_caps, dim] -> v: [batch, out_caps, dim].
+    """
+    outputs = []
+    for u in tf.unstack(u_hat):  # [in_caps, out_caps, dim]: routing is per example
+        b = tf.zeros(u.shape[:2], tf.float64)  # b_ij <- 0
+        for _ in range(iterations):
+            c = tf.nn.softmax(b, axis=1)  # c_i <- softmax(b_i), over the parents j
+            s = tf.reduce_sum(c[:, :, None] * u, axis=0)  # s_j <- sum_i c_ij u_hat_j|i
+            norm = tf.norm(s, axis=-1, keepdims=True)
+            v = norm ** 2 / (1 + norm ** 2) * s / norm  # v_j <- squash(s_j)
+            b = b + tf.reduce_sum(u * v[None], axis=-1)  # b_ij <- b_ij + u_hat_j|i . v_j
+        outputs.append(v)
+    return tf.stack(outputs)
+
+
+def routed_and_gradient(route, u_hat, weights):
+    """route(u_hat) and the gradient of sum(route(u_hat) * weights) with respect to u_hat."""
+    with tf.GradientTape() as tape:
+        tape.watch(u_hat)
+        v = route(u_hat)
+        objective = tf.reduce_sum(v * weights)
+    return v, tape.gradient(objective, u_hat)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+def test_routing_matches_procedure_1_in_values_and_gradients(iterations):
+    u_hat = tf.random.normal([3, 20, 10, 16], stddev=0.5, seed=11, dtype=tf.float64)  # [batch, in, out, dim]
+    weights = tf.random.normal([3, 10, 16], seed=12, dtype=tf.float64)
+    expected, expected_grad = routed_and_gradient(lambda u: procedure1(u, iterations), u_hat, weights)
+    for gradients in ("all", "final"):
+        ours = lambda u: tf.cast(route_by_agreement(tf.transpose(tf.cast(u, tf.float32), [1, 0, 2, 3]),
+                                                    iterations, gradients)[0], tf.float64)
+        v, grad = routed_and_gradient(ours, u_hat, weights)
+        np.testing.assert_allclose(v, expected, rtol=2e-5, atol=1e-6)
+        if gradients == "all" or iterations == 1:  # with one iteration there is no agreement update
+            np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-5)
+        else:  # the shortcut drops the agreement updates' share of the gradient
+            assert np.max(np.abs(grad - expected_grad)) > 100 * 1e-5
+
+
+def test_routing_gradients_setting_reaches_the_model():
+    cfg = ModelConfig(input_size=28, conv1_filters=16, primary_caps_types=4, routing_gradients="final")
+    model = build_model(cfg)
+    assert model.digit.routing_gradients == "final"
+    with pytest.raises(ValueError, match="gradients='some'"):
+        route_by_agreement(random_u_hat(), 3, "some")
 
 
 @pytest.mark.parametrize("iterations", [1, 3])
@@ -140,7 +190,7 @@ def test_mixed_bfloat16_keeps_capsules_in_float32():
 
 @pytest.mark.parametrize("stride,size", [(1, 13), (2, 13), (2, 14)])  # 14: the last row is unused
 def test_conv_gradients_equal_tensorflows_own(stride, size):
-    from capstf.model.capsnet import conv2d_valid
+    from capstf.layers import conv2d_valid
     x = tf.random.normal([2, size, size, 16], seed=6)
     kernel = tf.random.normal([9, 9, 16, 4], seed=7)
     results = []
@@ -152,3 +202,69 @@ def test_conv_gradients_equal_tensorflows_own(stride, size):
         results.append([y] + tape.gradient(loss, [x, kernel]))
     for ours, theirs in zip(*results):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("forward_gradients", [True, False])
+def test_gpu_models_keep_tensorflows_convolution_gradients(forward_gradients):
+    model = build_model(ModelConfig(input_size=28, conv1_filters=16, primary_caps_types=4),
+                        forward_conv_gradients=forward_gradients)
+
+    @tf.function
+    def gradients(images):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(model(images)["probabilities"])
+        return tape.gradient(loss, model.trainable_variables)
+
+    graph = gradients.get_concrete_function(tf.TensorSpec([2, 28, 28, 1])).graph
+    backprop_input = sum(op.type == "Conv2DBackpropInput" for op in graph.get_operations())
+    # Conv1 (one input channel) always keeps TF's gradients; PrimaryCaps' input gradient is TF's
+    # own kernel or, on CPUs, a forward Conv2D.
+    assert backprop_input == (1 if forward_gradients else 2)
+
+
+def test_multimnist_reconstruction_k_is_scored_against_component_k_of_label_k():
+    model = build_model(ModelConfig(input_size=36, digits_per_image=2, conv1_filters=16, primary_caps_types=4,
+                                    reconstruction_weight=1.0))
+    images = tf.random.uniform([2, 36, 36, 1], seed=8)
+    components = tf.random.uniform([2, 2, 36, 36, 1], seed=9)
+    labels = tf.constant([[3, 7], [5, 1]])
+    out = model(images, labels=labels)
+    for k in range(2):  # reconstruction k is decoded from the capsule of label k alone
+        np.testing.assert_allclose(out["reconstructions"][:, k],
+                                   model.reconstruct(out["capsules"], labels[:, k:k + 1])[:, 0], atol=1e-6)
+    loss = model.per_example_losses(out, {"image": images, "label": labels, "components": components})
+    by_hand = tf.reduce_sum(tf.square(out["reconstructions"] - components), axis=[1, 2, 3, 4])
+    np.testing.assert_allclose(loss["reconstruction_loss"], by_hand, rtol=1e-5)
+    # Two clearly different reconstructions: the loss is 0 against the components in their order only.
+    distinct = tf.stack([tf.zeros([2, 36, 36, 1]), tf.ones([2, 36, 36, 1])], axis=1)
+    for order, expected in ((slice(None), 0.0), (slice(None, None, -1), 2 * 36 * 36)):
+        loss = model.per_example_losses({**out, "reconstructions": distinct},
+                                        {"image": images, "label": labels, "components": distinct[:, order]})
+        np.testing.assert_allclose(loss["reconstruction_loss"], expected)
+
+
+def test_exact_match_needs_both_digits_in_either_order():
+    from capstf.metrics import exact_match
+    probabilities = tf.constant([[0.1, 0.9, 0.2, 0.8], [0.1, 0.9, 0.2, 0.8], [0.1, 0.9, 0.2, 0.8]])
+    labels = tf.constant([[1, 3], [3, 1], [1, 2]])
+    assert exact_match(probabilities, labels).numpy().tolist() == [True, True, False]
+    assert exact_match(probabilities[:1], tf.constant([1])).numpy().tolist() == [True]
+    assert exact_match(probabilities[:1], tf.constant([3])).numpy().tolist() == [False]
+
+
+def test_none_of_the_above_routing_follows_the_papers_rule_on_a_hand_computed_case():
+    u_hat = tf.constant([[[[1.0], [0.5]]]])  # [in_caps 1, batch 1, parents 2, dim 1]
+    # Iteration 1: c = 1/3 for each parent (the extra zero logit takes the third share);
+    # s = (1/3, 1/6); v = squash(s) = (0.1, 1/37) in one dimension; b = u_hat . v = (0.1, 0.5/37).
+    b = np.array([0.1, 0.5 / 37])
+    expected_c = np.exp(b) / (1 + np.exp(b).sum())  # softmax over (b_1, b_2, 0), the 0 dropped
+    s = expected_c * np.array([1.0, 0.5])
+    expected_v = s ** 2 / (1 + s ** 2) * np.sign(s)
+    v, c = route_by_agreement(u_hat, 2, none_of_the_above=True)
+    np.testing.assert_allclose(c[0, 0], expected_c, rtol=1e-6)
+    np.testing.assert_allclose(v[0, :, 0], expected_v, rtol=1e-4)
+    _, c = route_by_agreement(random_u_hat(), 3, none_of_the_above=True)
+    sums = tf.reduce_sum(c, axis=-1).numpy()
+    assert np.all(sums < 1) and np.all(sums > 0.5)
+    _, plain = route_by_agreement(random_u_hat(), 3)
+    np.testing.assert_allclose(tf.reduce_sum(plain, axis=-1), 1.0, atol=1e-6)

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -14,7 +15,8 @@ from capstf import config as config_lib
 from capstf.cli import main
 from capstf.errors import CapstfError
 from capstf.evaluate import evaluate
-from capstf.train import FusedAdam, build_state, restore_for_inference, train
+from capstf.checkpoints import restore_for_inference
+from capstf.train import FusedAdam, build_state, device_defaults, train
 
 
 def weights(model_dir, cfg):
@@ -80,14 +82,17 @@ def test_fused_adam_updates_like_keras_adam():
 
 def test_incompatible_model_dir_is_refused_and_other_changes_are_reported(tmp_path, capsys):
     train(small_config(steps=1), tmp_path, quiet=True)
-    cfg = small_config(steps=2)
-    cfg.model.routing_iters = 1
-    with pytest.raises(CapstfError, match="routing_iters: 3 -> 1"):
-        train(cfg, tmp_path, quiet=True)
+    for setting, message in (("conv1_filters", "conv1_filters: 32 -> 16"), ("decoder", "decoder: True -> False")):
+        cfg = small_config(steps=2)
+        setattr(cfg.model, setting, 16 if setting == "conv1_filters" else False)
+        with pytest.raises(CapstfError, match=message):
+            train(cfg, tmp_path, quiet=True)
     capsys.readouterr()
-    train(small_config(steps=2, learning_rate=2e-3), tmp_path, quiet=True)
-    assert "resumed from step 1; settings changed since: train.steps: 1 -> 2; train.learning_rate: 0.001 -> 0.002" \
-        in capsys.readouterr().out
+    cfg = small_config(steps=2, learning_rate=2e-3)
+    cfg.model.reconstruction_weight, cfg.model.routing_iters = 0.001, 2  # a loss weight and routing: no new shapes
+    train(cfg, tmp_path, quiet=True)
+    assert "resumed from step 1; settings changed since: model.routing_iters: 3 -> 2; model.reconstruction_weight: " \
+           "0.0005 -> 0.001; train.steps: 1 -> 2; train.learning_rate: 0.001 -> 0.002" in capsys.readouterr().out
 
 
 def test_multimnist_trains_and_scores_both_digits(tmp_path):
@@ -101,7 +106,7 @@ def test_multimnist_trains_and_scores_both_digits(tmp_path):
     (["train", "--dataset", "mnist", "--data-dir", "/no/such/dir", "--steps", "1"], "does not exist"),
     (["train", "--dataset", "mnist", "--data-dir", "sample", "--batch-size", "0"], "batch_size must be at least 1"),
     (["train", "--dataset", "mnist", "--set", "train.nonsense=3"], "Unknown setting"),
-    (["train", "--dataset", "mnist", "--set", "train.steps=many"], "expected a int"),
+    (["train", "--dataset", "mnist", "--set", "train.steps=many"], "expected an integer"),
     (["train", "--dataset", "mnist", "--recipe", "nope"], "No recipe 'nope'"),
     (["train", "--dataset", "multimnist", "--set", "data.train_max_rotation_deg=10"], "for --dataset mnist and expanded-mnist only"),
     (["evaluate", "--model-dir", "/no/such/model"], "no trained model"),
@@ -110,7 +115,7 @@ def test_bad_input_gives_a_clear_error(args, message, tmp_path):
     if args[0] == "train":
         args = args + ["--model-dir", str(tmp_path / "run")]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run").exists()  # a failed start leaves nothing behind
 
 
@@ -150,7 +155,7 @@ def test_a_malformed_recipe_gives_a_clear_error(text, message, tmp_path):
     path.write_text(text.format(path=path))
     result = CliRunner().invoke(main, ["train", "--dataset", "mnist", "--recipe", str(path),
                                        "--model-dir", str(tmp_path / "run")])
-    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
 
 
 def free_port():
@@ -159,11 +164,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def test_two_workers_train_under_multi_worker_mirrored(tmp_path):
+def run_two_workers(model_dir, steps):
+    """`capstf train` as two MultiWorkerMirroredStrategy workers on 127.0.0.1; their outputs."""
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     args = [sys.executable, "-m", "capstf.cli", "train", "--dataset", "mnist", "--data-dir", "sample",
-            "--model-dir", str(tmp_path / "run"), "--steps", "3", "--batch-size", "16",
+            "--model-dir", str(model_dir), "--steps", str(steps), "--batch-size", "16",
             "--distribute", "multi-worker", "--precision", "float32", "--checkpoint-every", "2",
             "--set", "model.conv1_filters=16", "--set", "model.primary_caps_types=4"]
     workers = [subprocess.Popen(args, env={**os.environ, "TF_CONFIG": json.dumps(
@@ -171,8 +177,163 @@ def test_two_workers_train_under_multi_worker_mirrored(tmp_path):
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
-    assert "2 replica(s)" in outputs[0]
+    return outputs
+
+
+def test_two_workers_train_under_multi_worker_mirrored(tmp_path):
+    outputs = run_two_workers(tmp_path / "run", 3)
+    assert "on 2 CPU replica(s)" in outputs[0]
     final = json.loads(outputs[0].strip().splitlines()[-1])
     assert final["step"] == 3 and np.isfinite(final["loss"])
     assert (tmp_path / "run" / "checkpoints" / "ckpt-3.index").is_file()
     assert not (tmp_path / "run" / "worker_scratch" / "1").exists()
+
+
+@pytest.mark.parametrize("gpus, precision", [([(9, 0)], "mixed_bfloat16"), ([(8, 0), (8, 6)], "mixed_bfloat16"),
+                                             ([(7, 0)], "mixed_float16"), ([(8, 0), (7, 5)], "mixed_float16"),
+                                             ([(6, 1)], "float32")])
+def test_gpu_precision_follows_the_compute_capability(gpus, precision):
+    jit, chosen, forward_conv_gradients = device_defaults(small_config(precision="auto").train, gpus=gpus)
+    assert (jit, chosen, forward_conv_gradients) == ("routing", precision, False)
+
+
+def test_cpu_keeps_its_measured_defaults(monkeypatch):
+    import capstf.train as train_module
+    for has_bf16, precision in ((True, "mixed_bfloat16"), (False, "float32")):
+        monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: has_bf16)
+        assert device_defaults(small_config(precision="auto").train, gpus=[]) == ("routing", precision, True)
+    assert device_defaults(small_config(precision="float32").train, gpus=[(9, 0)])[1] == "float32"  # as asked
+
+
+def test_a_resumed_run_with_another_batch_size_goes_on_from_the_examples_seen(tmp_path, monkeypatch):
+    import capstf.train as train_module
+    starts = []
+    make_dataset = train_module.make_dataset
+
+    def recording(*args, **kwargs):
+        if args[2] == "train":
+            starts.append(kwargs["start_example"])
+        return make_dataset(*args, **kwargs)
+    monkeypatch.setattr(train_module, "make_dataset", recording)
+    first = train(small_config(steps=3, batch_size=8), tmp_path, quiet=True)
+    second = train(small_config(steps=5, batch_size=16), tmp_path, quiet=True)
+    assert starts == [0, 3 * 8]
+    assert (first["examples_seen"], second["examples_seen"]) == (24, 24 + 2 * 16)
+    assert 0 < first["train_seconds"] < second["train_seconds"]
+
+
+@pytest.mark.parametrize("line, message", [('steps = "5"', "train.steps = '5': expected an integer"),
+                                           ("schedule = 3", "train.schedule = 3: expected a string"),
+                                           ("epochs = true", "train.epochs = True: expected a number")])
+def test_a_recipe_value_of_the_wrong_type_is_named(tmp_path, line, message):
+    recipe = tmp_path / "typo.toml"
+    recipe.write_text(f'base = "mnist"\n[train]\n{line}\n')
+    with pytest.raises(CapstfError, match=message):
+        config_lib.resolve(str(recipe))
+
+
+def test_evaluating_the_training_split_is_one_deterministic_unshifted_pass(trained_mnist):
+    model_dir, _ = trained_mnist
+    first = evaluate(model_dir, split="train")
+    assert first["examples"] == first["available_examples"] == 5000
+    assert evaluate(model_dir, split="train")["accuracy"] == first["accuracy"]
+
+
+def test_a_finished_multi_worker_run_extended_resumes_every_worker_from_the_chiefs_checkpoint(tmp_path):
+    run_two_workers(tmp_path / "straight", 5)
+    run_two_workers(tmp_path / "extended", 3)  # finishes; worker 1's scratch copy is deleted
+    assert not (tmp_path / "extended" / "worker_scratch" / "1").exists()
+    run_two_workers(tmp_path / "extended", 5)  # both workers must go on from the chief's step 3
+    cfg = config_lib.load_saved(tmp_path / "straight")
+    step_a, a = weights(tmp_path / "straight", cfg)
+    step_b, b = weights(tmp_path / "extended", cfg)
+    assert step_a == step_b == 5
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_mirrored_replicas_compute_the_one_device_sgd_step(train_digits):
+    """Plain SGD: a replica averaging its loss over its own half of the batch would double the
+    gradient (Adam's normalisation would hide that)."""
+    from tensorflow import keras
+    from capstf.model import build_model
+    from capstf.train import make_train_step
+    cfg = small_config()
+    images = train_digits.images[::150][:32, ..., None].astype("float32") / 255
+    batch = {"image": images, "label": train_digits.labels[::150][:32]}
+    results = []
+    for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), tf.distribute.MirroredStrategy(
+            ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())):
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            model = build_model(cfg.model, jit_routing=False)
+            optimizer = keras.optimizers.SGD(1.0)
+            optimizer.build(model.trainable_variables)
+        start = [v.numpy() for v in model.trainable_variables]
+        data = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(batch).batch(32))
+        make_train_step(model, optimizer, strategy, 32, False)(iter(data))
+        results.append([v.numpy() - s for v, s in zip(model.trainable_variables, start)])
+    for one, two in zip(*results):
+        assert np.abs(one).max() > 0
+        np.testing.assert_allclose(two, one, rtol=1e-3, atol=1e-6)  # a doubled gradient is off by 100%
+
+
+def test_evaluate_starts_without_tensorflow_log_lines(trained_mnist):
+    model_dir, _ = trained_mnist
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's shell has it
+    done = subprocess.run([sys.executable, "-m", "capstf.cli", "evaluate", "--model-dir", str(model_dir),
+                           "--limit", "100"], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["examples"] == 100
+    for line in (done.stdout + done.stderr).splitlines():
+        assert not re.match(r"[IWEF]\d{4} |WARNING: All log messages before absl", line), line
+        assert "cuda" not in line.lower() and "oneDNN" not in line, line
+
+
+def test_version_and_an_example_in_every_commands_help():
+    from capstf.cli import main as cli
+    assert CliRunner().invoke(cli, ["--version"]).output.strip() == "capstf, version 0.1.0"
+    commands = [[name] for name in cli.commands if name != "visualize"] + \
+        [["visualize", name] for name in cli.commands["visualize"].commands]
+    for command in commands:
+        help_text = CliRunner().invoke(cli, command + ["--help"]).output
+        assert "Example: capstf " + command[0] in help_text, command
+
+
+def test_an_ensemble_scores_the_average_of_its_models_capsule_lengths(tmp_path, test_digits):
+    for seed in (0, 1):
+        train(small_config(steps=10, seed=seed, learning_rate=3e-3), tmp_path / str(seed), quiet=True)
+    images = test_digits.images[:200, ..., None].astype("float32") / 255
+    lengths = [restore_for_inference(tmp_path / str(s), small_config())[0](images)["probabilities"].numpy()
+               for s in (0, 1)]
+    expected = np.mean(np.argmax((lengths[0] + lengths[1]) / 2, axis=1) == test_digits.labels[:200])
+    result = CliRunner().invoke(main, ["evaluate", "--model-dir", str(tmp_path / "0"), "--model-dir",
+                                       str(tmp_path / "1"), "--limit", "200"])
+    metrics = json.loads(result.output)
+    assert metrics["accuracy"] == pytest.approx(expected) and len(metrics["ensemble"]) == 2
+
+
+def test_held_out_validation_digits_are_never_trained_on_and_score_per_epoch(tmp_path, capsys, monkeypatch,
+                                                                            train_digits):
+    import capstf.train as train_module
+    from capstf.data.sources import load_digits
+    cfg = small_config(steps=4, eval_examples=300)
+    cfg.data.validation_digits = 1000
+    trained_on = []
+    make_dataset = train_module.make_dataset
+
+    def recording(data_cfg, digits, split, *args, **kwargs):
+        if split == "train":
+            trained_on.append(digits.labels)
+        return make_dataset(data_cfg, digits, split, *args, **kwargs)
+    monkeypatch.setattr(train_module, "make_dataset", recording)
+    train(cfg, tmp_path, quiet=True)
+    assert len(trained_on[0]) == 4000  # the first 4,000 of the 5,000 sample digits
+    assert "validation accuracy" in capsys.readouterr().out
+    metrics = evaluate(tmp_path, split="validation")
+    model, _ = restore_for_inference(tmp_path, cfg)
+    held_out = train_digits.images[-1000:, ..., None].astype("float32") / 255
+    expected = np.mean(np.argmax(model(held_out)["probabilities"].numpy(), 1) == train_digits.labels[-1000:])
+    assert metrics["examples"] == 1000 and metrics["accuracy"] == pytest.approx(expected)
+    with pytest.raises(CapstfError, match="holds out no validation digits"):
+        load_digits("sample", "validation")

@@ -50,4 +50,4 @@ def test_clear_errors(trained_mnist, args, message):
     if "--model-dir" not in args:
         args = args[:2] + ["--model-dir", str(trained_mnist[0])] + args[2:]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

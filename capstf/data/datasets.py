@@ -18,6 +18,7 @@ from typing import Callable, Dict, NamedTuple
 import numpy as np
 import tensorflow as tf
 
+from capstf.config import DATASETS
 from capstf.data.sources import Digits
 
 DIGIT_SIZE = 28
@@ -210,12 +211,12 @@ def _render_affine(batch, images, cfg, canvas):
     return {"image": warped[..., None], "label": batch["label"]}
 
 
-SPECS: Dict[str, Spec] = {
-    "mnist": Spec(28, 1, _draw_single, _render_single),
-    "multimnist": Spec(36, 2, _draw_pair, _render_pair),
-    "expanded-mnist": Spec(40, 1, _draw_single, _render_single),
-    "affnist": Spec(40, 1, _draw_affine, _render_affine),
-}
+SPECS: Dict[str, Spec] = {name: Spec(*DATASETS[name], draw, render) for name, draw, render in [
+    ("mnist", _draw_single, _render_single),
+    ("multimnist", _draw_pair, _render_pair),
+    ("expanded-mnist", _draw_single, _render_single),
+    ("affnist", _draw_affine, _render_affine),
+]}
 
 
 def spec(name: str) -> Spec:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from capstf.errors import CapstfError
+from capstf.errors import CapstfError, RuntimeFailure
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
 IDX_FILES = {  # split -> (images, labels), as MNIST names them
@@ -29,13 +29,26 @@ class Digits(NamedTuple):
     labels: np.ndarray  # [n] int32
 
 
-def load_digits(data_dir: str, split: str, dataset: str = "mnist") -> Digits:
+def load_digits(data_dir: str, split: str, dataset: str = "mnist", validation_digits: int = 0) -> Digits:
     """Loads one split. `data_dir`: "" or "tfds" for TFDS, "sample", or a folder of IDX files.
+
+    With validation_digits = N, the last N training digits are held out: "train" is the rest,
+    "validation" those N (for choosing settings without looking at the test digits).
 
     For dataset "affnist", a folder holding the real affNIST files (`test.mat` or
     `test_batches/*.mat`; `training.mat` or `training_batches/*.mat`) gives their 40x40
     digits as they are, instead of MNIST digits to be warped on the fly.
     """
+    if split in ("train", "validation") and validation_digits:
+        digits = load_digits(data_dir, "train", dataset)
+        if not 0 < validation_digits < len(digits.labels):
+            raise CapstfError(f"data.validation_digits={validation_digits}: the training split holds "
+                              f"{len(digits.labels)} digits; hold out fewer.")
+        keep = slice(None, -validation_digits) if split == "train" else slice(-validation_digits, None)
+        return Digits(digits.images[keep], digits.labels[keep])
+    if split == "validation":
+        raise CapstfError("This model holds out no validation digits (data.validation_digits = 0); "
+                          "use --split train or test.")
     if split not in IDX_FILES:
         raise CapstfError(f"Unknown split {split!r}; use one of {sorted(IDX_FILES)}.")
     if data_dir in ("", "tfds"):
@@ -118,12 +131,12 @@ def _load_tfds(split: str) -> Digits:
     except OSError:
         tfds_dir = Path(os.environ.get("TFDS_DATA_DIR", Path.home() / "tensorflow_datasets"))
         if not (tfds_dir / "mnist").is_dir():
-            raise CapstfError("Cannot reach storage.googleapis.com to download MNIST through "
+            raise RuntimeFailure("Cannot reach storage.googleapis.com to download MNIST through "
                               f"TFDS, and {tfds_dir} has no prepared copy. {OFFLINE_HINT}") from None
     import tensorflow_datasets as tfds  # slow import: only when asked for
     try:
         images, labels = tfds.as_numpy(tfds.load("mnist", split=split, batch_size=-1,
                                                  as_supervised=True))
     except Exception as e:  # TFDS raises many types; all mean "no data"
-        raise CapstfError(f"TFDS could not load MNIST ({type(e).__name__}: {e}). {OFFLINE_HINT}") from None
+        raise RuntimeFailure(f"TFDS could not load MNIST ({type(e).__name__}: {e}). {OFFLINE_HINT}") from None
     return Digits(images[..., 0].astype(np.uint8), labels.astype(np.int32))

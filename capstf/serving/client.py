@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from capstf.errors import CapstfError
+from capstf.errors import CapstfError, RuntimeFailure
 
 
 def read_images(paths) -> tuple:
@@ -55,7 +55,7 @@ def predict_grpc(server, model_name, signature, images, timeout=10.0) -> dict:
         try:
             response = stub.Predict(request, timeout=timeout)
         except grpc.RpcError as e:
-            raise CapstfError(_rpc_message(server, e)) from None
+            raise RuntimeFailure(_rpc_message(server, e)) from None
     return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
 
 
@@ -68,7 +68,7 @@ def metadata_grpc(server, model_name, timeout=10.0) -> dict:
         try:
             response = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(request, timeout=timeout)
         except grpc.RpcError as e:
-            raise CapstfError(_rpc_message(server, e)) from None
+            raise RuntimeFailure(_rpc_message(server, e)) from None
     signatures = get_model_metadata_pb2.SignatureDefMap()
     response.metadata["signature_def"].Unpack(signatures)
     from tensorflow import as_dtype
@@ -89,7 +89,7 @@ def predict_rest(server, model_name, signature, images, timeout=10.0) -> dict:
     except urllib.error.HTTPError as e:
         raise CapstfError(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')[:500]}") from None
     except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise CapstfError(f"Cannot reach TF Serving's REST API at {url}: {getattr(e, 'reason', e)}.") from None
+        raise RuntimeFailure(f"Cannot reach TF Serving's REST API at {url}: {getattr(e, 'reason', e)}.") from None
     return {k: np.asarray(v) for k, v in outputs.items()}
 
 

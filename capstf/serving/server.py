@@ -14,7 +14,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
-from capstf.errors import CapstfError
+from capstf.errors import CapstfError, RuntimeFailure
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_BATCH = 1024
@@ -131,6 +131,6 @@ def start_server(export_dir, host="127.0.0.1", port=8500, workers=4):
     except RuntimeError:
         bound = 0
     if not bound:
-        raise CapstfError(f"Cannot listen on {host}:{port} (in use, or not an address of this machine).")
+        raise RuntimeFailure(f"Cannot listen on {host}:{port} (in use, or not an address of this machine).")
     server.start()
     return server, bound, sorted(service.servables.items())

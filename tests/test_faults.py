@@ -1,0 +1,147 @@
+"""Training, evaluation and export under faults: damaged checkpoints, SIGTERM, a second
+trainer, a full disk, checkpoints that do not hold the model."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import small_config
+
+from capstf.checkpoints import list_checkpoints, restore_for_inference
+from capstf.errors import CapstfError, RuntimeFailure
+from capstf.export import export
+from capstf.train import train
+
+
+def weights(model_dir, cfg):
+    model, step = restore_for_inference(model_dir, cfg)
+    return step, [v.numpy() for v in model.trainable_variables]
+
+
+@pytest.fixture
+def two_checkpoints(tmp_path):
+    cfg = small_config(steps=4, checkpoint_every=2)
+    train(cfg, tmp_path, quiet=True)
+    return tmp_path, cfg
+
+
+def damage(checkpoint_path, how):
+    data = next(p for p in os.listdir(os.path.dirname(checkpoint_path))
+                if p.startswith(os.path.basename(checkpoint_path) + ".data"))
+    path = os.path.join(os.path.dirname(checkpoint_path), data)
+    if how == "truncate":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 3)
+    else:
+        os.remove(path)
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(two_checkpoints, how, capsys):
+    model_dir, cfg = two_checkpoints
+    (_, older), (_, newest) = list_checkpoints(model_dir)[-2:]
+    reader = tf.train.load_checkpoint(older)
+    expected = reader.get_tensor("model/digit/w/.ATTRIBUTES/VARIABLE_VALUE")
+    damage(newest, how)
+    model, step = restore_for_inference(model_dir, cfg)
+    assert step == 2 and np.array_equal(model.digit.w.numpy(), expected)
+    assert f"checkpoint {newest} is unreadable" in capsys.readouterr().err
+    resumed = train(small_config(steps=6, checkpoint_every=2), model_dir, quiet=True)  # training falls back too
+    assert resumed["step"] == 6 and resumed["examples_seen"] == 6 * 32
+
+
+def test_no_readable_checkpoint_is_a_clear_error(two_checkpoints):
+    model_dir, cfg = two_checkpoints
+    for _, path in list_checkpoints(model_dir):
+        damage(path, "truncate")
+    with pytest.raises(CapstfError, match="No checkpoint in .* can be read"):
+        restore_for_inference(model_dir, cfg)
+
+
+def test_a_checkpoint_without_the_models_weights_is_refused(tmp_path):
+    cfg = small_config(steps=1)
+    cfg.model.decoder = False
+    train(cfg, tmp_path, quiet=True)
+    cfg.model.decoder = True  # as if config.json named a model the checkpoint does not hold
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
+    with pytest.raises(CapstfError, match="lacks weights this model needs .*decoder"):
+        restore_for_inference(tmp_path, cfg)
+    with pytest.raises(CapstfError, match="lacks weights"):
+        export(tmp_path, tmp_path / "out", formats=("savedmodel",), data_dir="sample")
+
+
+def test_a_second_trainer_on_a_model_dir_in_use_is_refused_but_a_killed_ones_lock_is_not(tmp_path):
+    train(small_config(steps=1), tmp_path, quiet=True)
+    hold = "import fcntl, sys, time; f = open(sys.argv[1], 'w'); fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "train.lock")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(CapstfError, match="in use by another `capstf train`"):
+        train(small_config(steps=2), tmp_path, quiet=True)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert train(small_config(steps=2), tmp_path, quiet=True)["step"] == 2  # the OS dropped the lock
+
+
+def test_a_full_disk_mid_run_is_a_clear_error_and_the_last_checkpoint_stays_good(tmp_path, monkeypatch):
+    saves = []
+    real_save = tf.train.CheckpointManager.save
+
+    def save(self, *args, **kwargs):
+        saves.append(1)
+        if len(saves) == 2:
+            raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
+        return real_save(self, *args, **kwargs)
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
+    with pytest.raises(RuntimeFailure, match="Cannot write the step-4 checkpoint .*No space left.*ckpt-2, is intact"):
+        train(small_config(steps=6, checkpoint_every=2), tmp_path, quiet=True)
+    monkeypatch.undo()
+    step, _ = weights(tmp_path, small_config())
+    assert step == 2
+
+
+def capstf_train(model_dir, steps, **popen):
+    args = [sys.executable, "-m", "capstf.cli", "train", "--dataset", "mnist", "--data-dir", "sample",
+            "--model-dir", str(model_dir), "--steps", str(steps), "--batch-size", "16", "--checkpoint-every", "500",
+            "--precision", "float32", "--set", "model.conv1_filters=16", "--set", "model.primary_caps_types=4",
+            "--set", "train.log_every=1"]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def test_sigterm_checkpoints_the_current_step_and_the_same_command_resumes(tmp_path):
+    straight = capstf_train(tmp_path / "straight", 200)
+    assert straight.wait(timeout=300) == 0
+    run = capstf_train(tmp_path / "stopped", 200)
+    events = tmp_path / "stopped" / "train"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (events.is_dir() and any(p.stat().st_size > 2000 for p in events.iterdir())):
+        time.sleep(0.2)  # TensorBoard scalars appear once steps run
+    run.send_signal(signal.SIGTERM)
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 143, err
+    assert "stopped by SIGTERM after step" in err and "rerun the same command to resume" in err
+    stopped_at = list_checkpoints(tmp_path / "stopped")[-1][0]
+    assert 0 < stopped_at < 200  # the step it was at: no checkpoint is scheduled before 500
+    resumed = capstf_train(tmp_path / "stopped", 200)
+    assert resumed.wait(timeout=300) == 0
+    cfg = small_config()
+    cfg.model.conv1_filters, cfg.model.primary_caps_types = 16, 4
+    (step_a, a), (step_b, b) = weights(tmp_path / "straight", cfg), weights(tmp_path / "stopped", cfg)
+    assert step_a == step_b == 200
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_export_verifies_on_the_digits_named_by_data_dir(tmp_path):
+    train(small_config(steps=1), tmp_path, quiet=True)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["data"]["data_dir"] = str(tmp_path / "gone")  # the training data is not here any more
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(CapstfError, match="does not exist"):
+        export(tmp_path, tmp_path / "out", formats=("savedmodel",))
+    report = export(tmp_path, tmp_path / "out", formats=("savedmodel",), data_dir="sample")
+    assert report["savedmodel"]["max_abs_difference"]["probabilities"] <= 1e-4

@@ -1,0 +1,103 @@
+"""`capstf study`: the paper's experiments as one command (tiny --runlocal runs on the sample)."""
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from capstf.checkpoints import list_checkpoints, restore_for_inference
+from capstf.cli import main
+from capstf.config import load_saved
+from capstf.errors import CapstfError
+from capstf.study import load_study, matched_steps, run_study
+
+
+def error_percent_on_first_test_digits(run_dir, test_digits, count):
+    """The run's newest model's test error on the first `count` unshifted sample test digits."""
+    model, _ = restore_for_inference(run_dir, load_saved(run_dir))
+    images = test_digits.images[:count, ..., None].astype(np.float32) / 255
+    predicted = np.argmax(model(images)["probabilities"].numpy(), axis=1)
+    return 100 * np.mean(predicted != test_digits.labels[:count])
+
+
+def test_table1_trains_scores_and_reports_each_run_beside_the_paper(tmp_path, test_digits):
+    only = ("mnist-r1-no-reconstruction", "multimnist-r3")
+    results = run_study("table1", tmp_path, "sample", runlocal=True, only=only, log=lambda msg: None)
+    cells = {(c["run"], c["test_set"]): c for c in results["cells"]}
+    assert len(cells) == 8  # every row of the paper's table, run or not
+    mnist = cells["mnist-r1-no-reconstruction", "mnist"]
+    assert mnist["paper_percent"] == 0.34 and mnist["step"] == 4 and mnist["examples_seen"] == 4 * 8
+    assert mnist["measured_percent"] == pytest.approx(
+        error_percent_on_first_test_digits(tmp_path / "table1" / mnist["run"], test_digits, 64), abs=1e-6)
+    assert mnist["parameters"] < 1e6  # runlocal's small model, not the paper's 8.2M
+    assert cells["multimnist-r3", "multimnist"]["paper_percent"] == 5.2
+    assert cells["multimnist-r3", "multimnist"]["measured_percent"] is not None
+    assert cells["mnist-r3", "mnist"]["measured_percent"] is None  # not in --only
+    run_config = load_saved(tmp_path / "table1" / "mnist-r1-no-reconstruction").model
+    assert run_config.routing_iters == 1 and not run_config.decoder
+    markdown = (tmp_path / "table1" / "results.md").read_text()
+    assert "| CapsNet, routing 1, no reconstruction | mnist | " in markdown and "not run yet" in markdown
+    assert json.loads((tmp_path / "table1" / "results.json").read_text()) == results
+
+
+def test_a_rerun_skips_scored_runs_and_resumes_unfinished_ones(tmp_path):
+    only = ("mnist-r1",)
+    run_study("table1", tmp_path, "sample", runlocal=True, only=only, overrides={"train.steps": 2},
+              log=lambda msg: None)
+    run_dir = tmp_path / "table1" / "mnist-r1"
+    (run_dir / "study_run.json").unlink()  # as if stopped after training, before scoring
+    messages = []
+    results = run_study("table1", tmp_path, "sample", runlocal=True, only=only, overrides={"train.steps": 4},
+                        log=messages.append)
+    cell = next(c for c in results["cells"] if c["run"] == "mnist-r1")
+    assert cell["step"] == 4 and cell["examples_seen"] == 4 * 8
+    assert [step for step, _ in list_checkpoints(run_dir)] == [2, 4]  # went on from step 2
+    record = (run_dir / "study_run.json").stat().st_mtime_ns
+    messages.clear()
+    run_study("table1", tmp_path, "sample", runlocal=True, only=only, log=messages.append)
+    assert any("skipped" in m for m in messages)
+    assert (run_dir / "study_run.json").stat().st_mtime_ns == record
+
+
+def test_affnist_compares_the_models_at_matched_expanded_accuracy(tmp_path):
+    results = run_study("affnist", tmp_path, "sample", runlocal=True, log=lambda msg: None)
+    scores = {run: {int(step): s for step, s in json.loads(
+        (tmp_path / "affnist" / run / "checkpoint_scores.json").read_text()).items()} for run in ("capsnet", "cnn")}
+    assert sorted(scores["capsnet"]) == [2, 4]  # every checkpoint scored, none deleted
+    level = min(max(s["expanded-mnist"] for s in run.values()) for run in scores.values())
+    assert results["matched_level_percent"] == pytest.approx(100 * level, abs=1e-3)
+    for cell in results["cells"]:
+        run = scores[cell["run"]]
+        closest = min(abs(s["expanded-mnist"] - level) for s in run.values())
+        assert abs(run[cell["step"]]["expanded-mnist"] - level) == closest
+        assert cell["measured_percent"] == pytest.approx(100 * run[cell["step"]][cell["test_set"]], abs=1e-3)
+
+
+def test_matched_steps_pick_the_checkpoints_closest_to_the_level_both_reach():
+    scores = {"capsnet": {1: {"e": 0.90}, 2: {"e": 0.955}, 3: {"e": 0.99}},
+              "cnn": {1: {"e": 0.93}, 2: {"e": 0.96}, 3: {"e": 0.95}}}
+    level, steps = matched_steps(scores, "e")
+    assert level == 0.96 and steps == {"capsnet": 2, "cnn": 2}
+
+
+def test_the_affnist_cnn_has_a_similar_number_of_parameters_to_the_capsnet():
+    from capstf.config import resolve
+    from capstf.model import build_model
+    study = load_study("affnist")
+    counts = {name: build_model(resolve(run.recipe, run.settings).model).count_params()
+              for name, run in study.runs.items()}
+    assert counts["capsnet"] == 13_475_648
+    assert abs(counts["cnn"] / counts["capsnet"] - 1) < 0.01
+
+
+def test_bad_study_input_gives_one_line_errors(tmp_path):
+    with pytest.raises(CapstfError, match="known studies: affnist, table1"):
+        load_study("table2")
+    with pytest.raises(CapstfError, match="--only mnist-r9: study table1 has the runs"):
+        run_study("table1", tmp_path, "sample", only=("mnist-r9",))
+    bad = tmp_path / "bad.toml"
+    bad.write_text('title = "x"\n[runs.a]\nrecipe = "mnist"\npaper = { mnist = 1.0 }\nepochs = 3\n')
+    with pytest.raises(CapstfError, match=r"\[runs.a\]: unknown key\(s\) epochs"):
+        load_study(str(bad))
+    result = CliRunner().invoke(main, ["study", "table1", "--only", "nope", "--runs-dir", str(tmp_path)])
+    assert result.exit_code != 0 and "capstf: error: --only nope" in result.output
