@@ -1,6 +1,6 @@
 """Kills a real `capstf train` run again and again and checks that nothing is lost. Prints JSON.
 
-    python benchmarks/faults.py [--steps 300] [--checkpoint-every 25] [--kills 10] [--terms 5] [--seed 0]
+    python benchmarks/faults.py [--steps 1500] [--checkpoint-every 25] [--kills 10] [--terms 5] [--seed 0]
 
 A small CapsNet trains on the bundled digits. It is interrupted with SIGKILL at `--kills` random
 moments and with SIGTERM at `--terms` more, each time resumed by the same command, until it
@@ -56,7 +56,7 @@ def final_weights(model_dir):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--checkpoint-every", type=int, default=25)
     parser.add_argument("--kills", type=int, default=10)
     parser.add_argument("--terms", type=int, default=5)

@@ -157,11 +157,18 @@ def test_raw_and_gzipped_idx_folders_load(tmp_path):
     assert load_digits(str(folder), "test").images.shape == (5000, 28, 28)
 
 
+def damage_compressed_body(gzipped: bytes) -> bytes:
+    """Ones over the first deflate block header: zlib itself fails ("invalid block type")."""
+    plain = gzip.compress(gzip.decompress(gzipped))  # a 10-byte gzip header, no file name
+    return plain[:10] + b"\xff" * 8 + plain[18:]
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda p: p.unlink(), "has no train-images"),
     (lambda p: p.write_bytes(gzip.compress(gzip.decompress(p.read_bytes())[:5000])), "truncated"),
     (lambda p: p.write_bytes(b"not a gzip file at all"), "corrupt"),
     (lambda p: p.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + b"\x00" * 20)), "not an MNIST IDX image"),
+    (lambda p: p.write_bytes(damage_compressed_body(p.read_bytes())), "corrupt"),
 ])
 def test_damaged_idx_files_give_clear_errors_naming_the_file(tmp_path, damage, message):
     folder = copy_sample(tmp_path)
@@ -300,3 +307,10 @@ def test_input_pipelines_together_yield_exactly_the_one_pipeline_stream(train_di
                  for p in range(3)]
     together = np.stack(pipelines, axis=1).reshape(one.shape)  # example i comes from pipeline i % 3
     np.testing.assert_array_equal(together, one)
+
+
+def test_multimnist_refuses_digits_without_every_class(train_digits):
+    no_nines = train_digits.labels != 9
+    digits = Digits(train_digits.images[no_nines], train_digits.labels[no_nines])
+    with pytest.raises(CapstfError, match="the train digits hold no 9"):
+        make_dataset(DataConfig(dataset="multimnist", max_shift=4), digits, "train", 8, seed=0)

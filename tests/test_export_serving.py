@@ -190,3 +190,12 @@ def test_metadata_with_an_unsupported_field_is_invalid_argument(server):
     with grpc.insecure_channel(server) as channel, pytest.raises(grpc.RpcError) as error:
         prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(request, timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_truncated_npy_file_is_a_clear_error(tmp_path):
+    np.save(tmp_path / "digits.npy", digits(4))
+    data = (tmp_path / "digits.npy").read_bytes()
+    (tmp_path / "digits.npy").write_bytes(data[:len(data) // 2])
+    result = CliRunner().invoke(main, ["predict", "--server", "127.0.0.1:1", str(tmp_path / "digits.npy")])
+    assert result.exit_code == 2 and "digits.npy: not a readable .npy array" in result.output
+    assert "Traceback" not in result.output

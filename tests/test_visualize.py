@@ -51,3 +51,21 @@ def test_clear_errors(trained_mnist, args, message):
         args = args[:2] + ["--model-dir", str(trained_mnist[0])] + args[2:]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_reconstruction_row_shows_exactly_the_models_reconstructions(trained_mnist, test_digits):
+    from capstf.checkpoints import restore_for_inference
+    model_dir, cfg = trained_mnist
+    model, _ = restore_for_inference(model_dir, cfg)
+    images = test_digits.images[:3, ..., None].astype(np.float32) / 255
+    out = model(images)
+    predictions = np.argmax(out["probabilities"].numpy(), 1)[:, None]
+    sheet = np.asarray(visualize.reconstruction_sheet(images, out["reconstructions"].numpy(),
+                                                      test_digits.labels[:3, None], predictions))
+    for i in range(3):
+        x = 2 + i * (TILE + 2)
+        pixels = lambda a: np.kron(np.round(np.clip(a[..., 0], 0, 1) * 255), np.ones((3, 3)))  # as drawn, 3x
+        inside = (slice(1, -1), slice(1, -1))  # a misclassified tile is framed in red
+        np.testing.assert_array_equal(sheet[2:2 + TILE, x:x + TILE, 0][inside], pixels(images[i])[inside])
+        np.testing.assert_array_equal(sheet[2 + TILE:2 + 2 * TILE, x:x + TILE, 0][inside],
+                                      pixels(out["reconstructions"].numpy()[i, 0])[inside])

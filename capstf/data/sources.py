@@ -7,6 +7,7 @@ import gzip
 import os
 import socket
 import struct
+import zlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -107,7 +108,7 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:  # zlib.error: a damaged compressed body
         raise CapstfError(f"{path}: cannot read ({e}); the file is corrupt or truncated.") from None
     ndim = {IMAGES_MAGIC: 3, LABELS_MAGIC: 1}[magic]
     header = 4 + 4 * ndim

@@ -26,8 +26,8 @@ def read_images(paths) -> tuple:
         elif suffix == ".npy":
             try:
                 array = np.load(path, allow_pickle=False)
-            except ValueError as e:
-                raise CapstfError(f"{path}: not a readable .npy array ({e}).") from None
+            except (ValueError, EOFError, OSError) as e:  # EOFError: a truncated file
+                raise CapstfError(f"{path}: not a readable .npy array ({e or 'the file is truncated'}).") from None
         else:  # IDX, raw or gzipped
             array = read_idx(path, IMAGES_MAGIC)
         array = array[None] if array.ndim == 2 else array
