@@ -164,17 +164,22 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_two_workers(model_dir, steps):
-    """`capstf train` as two MultiWorkerMirroredStrategy workers on 127.0.0.1; their outputs."""
+def start_two_workers(model_dir, steps, checkpoint_every=2):
+    """`capstf train` as two MultiWorkerMirroredStrategy workers on 127.0.0.1 (Popen objects)."""
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     args = [sys.executable, "-m", "capstf.cli", "train", "--dataset", "mnist", "--data-dir", "sample",
             "--model-dir", str(model_dir), "--steps", str(steps), "--batch-size", "16",
-            "--distribute", "multi-worker", "--precision", "float32", "--checkpoint-every", "2",
+            "--distribute", "multi-worker", "--precision", "float32", "--checkpoint-every", str(checkpoint_every),
             "--set", "model.conv1_filters=16", "--set", "model.primary_caps_types=4"]
-    workers = [subprocess.Popen(args, env={**os.environ, "TF_CONFIG": json.dumps(
+    return [subprocess.Popen(args, env={**os.environ, "TF_CONFIG": json.dumps(
         {"cluster": cluster, "task": {"type": "worker", "index": i}})}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def run_two_workers(model_dir, steps, checkpoint_every=2):
+    """Two workers trained to the end; their outputs."""
+    workers = start_two_workers(model_dir, steps, checkpoint_every)
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
     return outputs
@@ -337,3 +342,26 @@ def test_held_out_validation_digits_are_never_trained_on_and_score_per_epoch(tmp
     assert metrics["examples"] == 1000 and metrics["accuracy"] == pytest.approx(expected)
     with pytest.raises(CapstfError, match="holds out no validation digits"):
         load_digits("sample", "validation")
+
+
+def test_multi_worker_run_killed_after_a_checkpoint_resumes_even_without_a_workers_scratch(tmp_path):
+    import shutil
+    import signal
+    import time
+    run_two_workers(tmp_path / "straight", 120, checkpoint_every=10)
+    workers = start_two_workers(tmp_path / "killed", 120, checkpoint_every=10)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list((tmp_path / "killed" / "checkpoints").glob("ckpt-*.index")):
+        time.sleep(0.05)
+    for worker in workers:  # both killed without warning after the chief's first checkpoint
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    from capstf.checkpoints import list_checkpoints
+    assert 0 < list_checkpoints(tmp_path / "killed")[-1][0] < 120  # killed mid-run
+    shutil.rmtree(tmp_path / "killed" / "worker_scratch", ignore_errors=True)  # worker 1 back on a fresh disk
+    run_two_workers(tmp_path / "killed", 120, checkpoint_every=10)
+    cfg = config_lib.load_saved(tmp_path / "straight")
+    (step_a, a), (step_b, b) = weights(tmp_path / "straight", cfg), weights(tmp_path / "killed", cfg)
+    assert step_a == step_b == 120
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-6)
