@@ -41,8 +41,9 @@ def warn(message):
 
 
 def restore_newest_readable(checkpoint, paths, model_dir):
-    """Restores the newest of `paths` (oldest first) that can be read; returns its path, or None
-    if there are none. A damaged checkpoint (truncated or missing data file) is skipped, saying so."""
+    """Restores the newest of `paths` (oldest first) that can be read; returns (its path, the
+    restore status), or (None, None) if there are no paths. A damaged checkpoint (truncated or
+    missing data file) is skipped, saying so."""
     for path in reversed(paths):
         try:
             status = checkpoint.restore(path)

@@ -55,7 +55,7 @@ def measure(model_dirs, dataset=None, data_dir=None, split="test", limit=0,
             partners_per_digit=None, checkpoint=None, batch_size=100) -> dict:
     """The paper's metrics of a checkpoint (default: the newest) in a model dir, or of an ensemble
     of several model dirs, on a data set (default: the one trained on), as a dict."""
-    model_dirs = [Path(model_dirs)] if isinstance(model_dirs, (str, Path)) else [Path(d) for d in model_dirs]
+    model_dirs = _as_list(model_dirs)
     if checkpoint and len(model_dirs) > 1:
         raise CapstfError("Name a checkpoint for one model dir, not for an ensemble.")
     configs = [config_lib.load_saved(model_dir) for model_dir in model_dirs]
@@ -88,6 +88,11 @@ def evaluate(model_dirs, dataset=None, data_dir=None, split="test", limit=0, par
     """`measure`s the newest checkpoint(s); one model dir also gets eval_<dataset>_<split>.json."""
     metrics = measure(model_dirs, dataset, data_dir, split, limit, partners_per_digit)
     if "ensemble" not in metrics:
-        model_dir = model_dirs if isinstance(model_dirs, (str, Path)) else model_dirs[0]
-        (Path(model_dir) / f"eval_{metrics['dataset']}_{split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        model_dir, = _as_list(model_dirs)
+        (model_dir / f"eval_{metrics['dataset']}_{split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _as_list(model_dirs):
+    """One model dir or several -> [Path, ...]."""
+    return [Path(model_dirs)] if isinstance(model_dirs, (str, Path)) else [Path(d) for d in model_dirs]

@@ -10,6 +10,7 @@ from capstf.checkpoints import restore_for_inference
 from capstf.data.datasets import make_dataset
 from capstf.data.sources import load_digits
 from capstf.errors import CapstfError, RuntimeFailure
+from capstf.evaluate import check_dataset_fits
 
 SCALE = 3        # pixels per digit pixel
 CAPTION = 12     # caption height in pixels
@@ -77,7 +78,6 @@ def overlay_sheet(images, reconstructions, labels, predictions):
 # --------------------------------------------------------------------------- the commands
 
 def _load(model_dir, dataset, data_dir):
-    from capstf.evaluate import check_dataset_fits
     cfg = config_lib.load_saved(model_dir)
     check_dataset_fits(cfg, dataset or cfg.data.dataset, model_dir)
     cfg.data.dataset = dataset or cfg.data.dataset
