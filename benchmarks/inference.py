@@ -19,7 +19,7 @@ import tensorflow as tf  # noqa: E402
 
 from capstf import config as config_lib  # noqa: E402
 from capstf.data.datasets import make_dataset  # noqa: E402
-from capstf.data.sources import load_digits  # noqa: E402
+from capstf.data.sources import load_examples  # noqa: E402
 from capstf.errors import CapstfError  # noqa: E402
 from capstf.export import export  # noqa: E402
 from capstf.serving.client import predict_grpc  # noqa: E402
@@ -56,7 +56,7 @@ def main():
     if not (out / "capsnet.onnx").is_file():
         export(args.model_dir, out)
     cfg = config_lib.load_saved(args.model_dir)
-    digits = load_digits(cfg.data.data_dir, "test")
+    digits = load_examples(cfg.data.data_dir, "test")
     images = next(iter(make_dataset(cfg.data, digits, "test", 128, 0, limit=128)))["image"].numpy()
 
     versions = sorted(int(p.name) for p in (out / "capsnet").iterdir() if p.name.isdigit())

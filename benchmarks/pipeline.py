@@ -2,8 +2,10 @@
 
     python benchmarks/pipeline.py [--batches 40] [--batch 128]
 
-Uses the bundled sample digits. The pipeline must never limit training: compare each figure
-with the images/s of benchmarks/train_step.py (aim: at least 20x).
+MNIST-based sets use the bundled sample digits; the TFDS image sets (smallnorb, cifar10, svhn)
+random pixels of their real sizes and counts (the pipeline's cost does not depend on the
+pixels, and this machine cannot download them). The pipeline must never limit training:
+compare each figure with the images/s of benchmarks/train_step.py (aim: at least 20x).
 """
 import argparse
 import json
@@ -16,10 +18,20 @@ import tensorflow as tf  # noqa: E402
 
 from capstf import config as config_lib  # noqa: E402
 from capstf.data.datasets import ink_box, make_dataset  # noqa: E402
-from capstf.data.sources import load_digits  # noqa: E402
+from capstf.data.sources import Examples, load_examples  # noqa: E402
 
 RUNS = [("mnist", "mnist", "train"), ("multimnist", "multimnist", "train"), ("multimnist", "multimnist", "test"),
-        ("expanded-mnist", "expanded-mnist", "train"), ("affnist", "expanded-mnist", "test")]
+        ("expanded-mnist", "expanded-mnist", "train"), ("affnist", "expanded-mnist", "test"),
+        ("smallnorb", "smallnorb", "train"), ("cifar10", "cifar10", "train"), ("cifar10", "cifar10", "test"),
+        ("svhn", "svhn", "train")]
+TFDS_SHAPES = {"smallnorb": (24300, 48, 48, 2, 5), "cifar10": (50000, 32, 32, 3, 10),  # as loaded: n, H, W, C, classes
+               "svhn": (73257, 32, 32, 3, 10)}
+
+
+def random_examples(dataset):
+    n, h, w, c, classes = TFDS_SHAPES[dataset]
+    rng = np.random.default_rng(0)
+    return Examples(rng.integers(0, 256, [n, h, w, c], np.uint8), rng.integers(0, classes, n).astype(np.int32), classes)
 
 
 def bbox_overlap(components):
@@ -39,11 +51,12 @@ def main():
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--batch", type=int, default=128)
     args = parser.parse_args()
-    digits = {split: load_digits("sample", split) for split in ("train", "test")}
+    digits = {split: load_examples("sample", split) for split in ("train", "test")}
     results = {"batch": args.batch, "examples_per_s": {}}
     for dataset, recipe, split in RUNS:
         cfg = config_lib.resolve(recipe, {"data.dataset": dataset})
-        it = iter(make_dataset(cfg.data, digits[split], split, args.batch, seed=0).repeat())
+        examples = random_examples(dataset) if dataset in TFDS_SHAPES else digits[split]
+        it = iter(make_dataset(cfg.data, examples, split, args.batch, seed=0).repeat())
         first = next(it)  # builds and warms the pipeline
         start = time.perf_counter()
         for _ in range(args.batches):

@@ -57,8 +57,8 @@ def main():
     savedmodel = versions[-1]
 
     import tensorflow as tf
-    from capstf.data.sources import load_digits
-    images = load_digits("sample", "test").images[:args.count, ..., None]  # uint8 [n, 28, 28, 1]
+    from capstf.data.sources import load_examples
+    images = load_examples("sample", "test").images[:args.count, ..., None]  # uint8 [n, 28, 28, 1]
     ours = tf.saved_model.load(str(savedmodel)).signatures["serving_default"](images=tf.constant(images / 255.0, tf.float32))
 
     with tempfile.TemporaryDirectory() as tmp:

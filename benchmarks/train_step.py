@@ -1,6 +1,10 @@
 """Images/s of one full optimizer step (paper CapsNet with decoder, r=3, batch 128), as JSON.
 
-    python benchmarks/train_step.py [--sizes 28,36] [--rounds 4] [--variants ...]
+    python benchmarks/train_step.py [--models 28,36,smallnorb,cifar10,svhn] [--rounds 4] [--variants ...]
+
+A model is a size (the MNIST model on NxN grey inputs: 28 MNIST, 36 MultiMNIST) or a recipe
+whose model it takes (smallnorb: 32x32x2 inputs, 5 classes; cifar10: 24x24x3, 64 primary
+capsule types, none-of-the-above routing; svhn: the smaller 32x32x3 model).
 
 Variants (each timed in turn, several rounds): xla_routing (the capsule layers after the
 convolutions compiled, `--jit routing`), plain (graph mode), xla_step (whole step compiled),
@@ -25,8 +29,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
-from capstf.config import ModelConfig, TrainConfig  # noqa: E402
-from capstf.config import Config, DataConfig  # noqa: E402
+from capstf import config as config_lib  # noqa: E402
+from capstf.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from capstf.layers import route_by_agreement  # noqa: E402
 from capstf.train import build_state, make_strategy, make_train_step  # noqa: E402
 
@@ -53,21 +57,27 @@ def timed(fn, steps, warmup=2):
     return (time.perf_counter() - start) / steps
 
 
-def setup(size, jit, precision, batch, forward_conv_gradients=True, routing_gradients="all"):
-    cfg = Config(DataConfig(), ModelConfig(input_size=size, routing_gradients=routing_gradients),
-                 TrainConfig(batch_size=batch, jit=jit, precision=precision))
+def model_config(name, routing_gradients="all"):
+    """"28" -> the MNIST model on 28x28 inputs; "cifar10" -> recipe cifar10's model."""
+    model = ModelConfig(input_size=int(name)) if name.isdigit() else config_lib.resolve(name).model
+    model.routing_gradients = routing_gradients
+    return model
+
+
+def setup(model_cfg, jit, precision, batch, forward_conv_gradients=True):
+    cfg = Config(DataConfig(), model_cfg, TrainConfig(batch_size=batch, jit=jit, precision=precision))
     strategy = make_strategy("one-device")  # the device defaults `capstf train` uses
     with strategy.scope():
         model, optimizer, _ = build_state(cfg, jit, precision, forward_conv_gradients=forward_conv_gradients)
-    images = tf.random.uniform([batch, size, size, 1])
-    batch_data = {"image": images, "label": tf.random.uniform([batch], 0, 10, tf.int32)}
+    images = tf.random.uniform([batch, model_cfg.input_size, model_cfg.input_size, model_cfg.channels])
+    batch_data = {"image": images, "label": tf.random.uniform([batch], 0, model_cfg.num_classes, tf.int32)}
     data = iter(tf.data.Dataset.from_tensors(batch_data).repeat())
     return model, optimizer, make_train_step(model, optimizer, strategy, batch, jit == "step"), data, batch_data
 
 
 def profile(batch, steps):
     """Seconds per call of each part of a float32 step at 28x28."""
-    model, optimizer, step, data, b = setup(28, "routing", "float32", batch)
+    model, optimizer, step, data, b = setup(model_config("28"), "routing", "float32", batch)
     variables = model.trainable_variables
 
     @tf.function
@@ -105,7 +115,7 @@ def reference_images_per_s(path):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", default="28,36")
+    parser.add_argument("--models", default="28,36", help="Sizes (the MNIST model) and recipe names, e.g. 28,cifar10.")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=4, help="Timed steps per variant, interleaved.")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"Of: {', '.join(VARIANTS)}.")
@@ -118,12 +128,14 @@ def main():
         parser.error(f"unknown --variants {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
     # Shared machines drift by 2-3x within minutes: interleave variants, report best and median.
     steps = {}
-    for size in map(int, args.sizes.split(",")):
+    for model_name in args.models.split(","):
+        label = f"{model_name}x{model_name}" if model_name.isdigit() else model_name
         for name in args.variants.split(","):
             jit, precision, forward_conv_gradients, routing_gradients = VARIANTS[name]
-            _, _, step, data, _ = setup(size, jit, precision, args.batch, forward_conv_gradients, routing_gradients)
+            _, _, step, data, _ = setup(model_config(model_name, routing_gradients), jit, precision, args.batch,
+                                        forward_conv_gradients)
             tf.nest.map_structure(lambda t: t.numpy(), step(data))  # compile
-            steps[f"{size}x{size}/{name}"] = (lambda step=step, data=data: step(data))
+            steps[f"{label}/{name}"] = (lambda step=step, data=data: step(data))
     times = {key: [] for key in steps}
     reference = []
     for round_ in range(args.rounds):

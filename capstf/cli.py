@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from capstf.config import CHOICES, DATASETS, TRAINABLE
+from capstf.config import CHOICES, DATASETS, TFDS_PREFIX, TRAINABLE, is_tfds_name
 from capstf.errors import CapstfError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's own log lines once its logging is set up
@@ -56,10 +56,27 @@ def clear_errors(command):
     return run
 
 
+class DatasetName(click.ParamType):
+    """One of `choices`, or tfds:NAME[:CONFIG] (any TFDS image classification set)."""
+    name = "dataset"
+
+    def __init__(self, choices):
+        self.choices = tuple(choices)
+
+    def get_metavar(self, *args, **kwargs):
+        return f"[{'|'.join(self.choices)}|{TFDS_PREFIX}NAME]"
+
+    def convert(self, value, param, ctx):
+        if value in self.choices or is_tfds_name(value):
+            return value
+        self.fail(f"{value!r}: choose one of {', '.join(self.choices)}, or {TFDS_PREFIX}NAME[:CONFIG] "
+                  f"(e.g. {TFDS_PREFIX}fashion_mnist).", param, ctx)
+
+
 def data_dir_option(f):
     return click.option("--data-dir", default=None, metavar="DIR|sample",
-                        help="Folder of MNIST IDX files, or 'sample' for the bundled digits "
-                             "(default: full MNIST through TFDS, or the model's own data dir).")(f)
+                        help="Folder of MNIST IDX files, 'sample' for the bundled digits, or a prepared "
+                             "TFDS data dir (default: TFDS's own, or the model's data dir).")(f)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
@@ -77,7 +94,7 @@ def main(verbose):
 
 
 @main.command()
-@click.option("--dataset", type=click.Choice(TRAINABLE), required=True, help="The experiment; picks its recipe.")
+@click.option("--dataset", type=DatasetName(TRAINABLE), required=True, help="The experiment; picks its recipe.")
 @click.option("--recipe", default=None, help="Recipe name in pipelines/ or a .toml path (default: the data set's).")
 @data_dir_option
 @click.option("--model-dir", default=None, help="Checkpoints, TensorBoard logs, config (default runs/<dataset>).")
@@ -110,15 +127,17 @@ def train(dataset, recipe, model_dir, runlocal, settings, cpu_devices, no_decode
         overrides["train.steps"] = 0  # --epochs wins over a recipe's step count
     if no_decoder:
         overrides["model.decoder"] = False
+    if is_tfds_name(dataset):  # the recipe's settings (default: recipe tfds) on this TFDS data set
+        overrides["data.dataset"] = dataset
     overrides.update(parse_settings(settings))
-    cfg = config_lib.resolve(recipe or dataset, overrides, runlocal=runlocal)
+    cfg = config_lib.resolve(recipe or config_lib.recipe_for(dataset), overrides, runlocal=runlocal)
     if cfg.data.dataset != dataset:
         raise CapstfError(f"Recipe {cfg.recipe} is for {cfg.data.dataset}, not --dataset {dataset}.")
     if cpu_devices:
         from capstf.train import split_cpu
         split_cpu(cpu_devices)
     from capstf.train import train as run_training
-    model_dir = model_dir or os.path.join("runs", dataset)
+    model_dir = model_dir or os.path.join("runs", dataset.replace(":", "-").replace("/", "-"))
     result = run_training(cfg, model_dir)
     click.echo(json.dumps(result))
 
@@ -161,7 +180,7 @@ def study(name, runs_dir, data_dir, runlocal, only, settings):
 @main.command()
 @click.option("--model-dir", "model_dirs", required=True, multiple=True,
               help="A folder written by `capstf train`; several: an ensemble (capsule lengths averaged).")
-@click.option("--dataset", type=click.Choice(tuple(DATASETS)), default=None, help="Default: the one trained on.")
+@click.option("--dataset", type=DatasetName(DATASETS), default=None, help="Default: the one trained on.")
 @data_dir_option
 @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test",
               help="train: one pass over the training digits, unshifted; validation: the digits "
@@ -180,7 +199,7 @@ def evaluate(model_dirs, dataset, data_dir, split, limit, partners):
 
 
 @main.command()
-@click.option("--dataset", type=click.Choice(tuple(DATASETS)), required=True)
+@click.option("--dataset", type=DatasetName(DATASETS), required=True)
 @data_dir_option
 @click.option("--split", type=click.Choice(["train", "test"]), default="train")
 @click.option("--count", type=int, default=64, show_default=True)
@@ -281,7 +300,7 @@ def visualize():
 def figure_options(f):
     for option in reversed([
             click.option("--model-dir", required=True, help="A folder written by `capstf train`."),
-            click.option("--dataset", type=click.Choice(tuple(DATASETS)), default=None, help="Default: the one trained on."),
+            click.option("--dataset", type=DatasetName(DATASETS), default=None, help="Default: the one trained on."),
             click.option("--data-dir", default=None, metavar="DIR|sample", help="Default: the model's own."),
             click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG file.")]):
         f = option(f)

@@ -14,22 +14,54 @@ from typing import Any, Dict, Mapping, NamedTuple, Optional
 from capstf.errors import CapstfError
 
 class Canvas(NamedTuple):
-    size: int              # height and width of the generated images
+    size: int              # height and width of the images the model sees (after any crop)
     digits_per_image: int  # MultiMNIST: 2
+    channels: int = 1
+    num_classes: int = 10
 
 
-DATASETS = {"mnist": Canvas(28, 1), "multimnist": Canvas(36, 2),  # capstf.data.datasets generates each
-            "expanded-mnist": Canvas(40, 1), "affnist": Canvas(40, 1)}
-TRAINABLE = ("mnist", "multimnist", "expanded-mnist")  # affnist is a test set only
+DATASETS = {  # capstf.data.datasets makes each; the last three from TFDS (capstf.data.sources)
+    "mnist": Canvas(28, 1), "multimnist": Canvas(36, 2), "expanded-mnist": Canvas(40, 1), "affnist": Canvas(40, 1),
+    "smallnorb": Canvas(32, 1, channels=2, num_classes=5),  # 32x32 crops of the stereo pair at 48x48
+    "cifar10": Canvas(24, 1, channels=3),                   # 24x24 crops of the 32x32 images
+    "svhn": Canvas(32, 1, channels=3)}
+TFDS_IMAGE_SETS = ("smallnorb", "cifar10", "svhn")  # cropped, flipped and jittered, not placed like digits
+TFDS_PREFIX = "tfds:"  # --dataset tfds:NAME[:CONFIG]: any TFDS image classification set, its shape from TFDS
+TRAINABLE = tuple(name for name in DATASETS if name != "affnist")  # affnist is a test set only
+
+
+def is_tfds_name(dataset: str) -> bool:
+    return dataset.startswith(TFDS_PREFIX) and len(dataset) > len(TFDS_PREFIX)
+
+
+def is_image_set(dataset: str) -> bool:
+    """A TFDS image data set (cropped, flipped, jittered), as opposed to one made of MNIST digits."""
+    return dataset in TFDS_IMAGE_SETS or is_tfds_name(dataset)
+
+
+def recipe_for(dataset: str) -> str:
+    """The recipe a data set trains (and generates its examples) with by default."""
+    return "tfds" if is_tfds_name(dataset) else {"affnist": "expanded-mnist"}.get(dataset, dataset)
+
+
+def check_dataset_name(dataset: str, allowed=tuple(DATASETS)) -> str:
+    if dataset not in allowed and not is_tfds_name(dataset):
+        raise CapstfError(f"Unknown data set {dataset!r}; choose one of {', '.join(allowed)}, or "
+                          f"{TFDS_PREFIX}NAME[:CONFIG] for a TensorFlow Datasets image classification set.")
+    return dataset
 ROUTING_GRADIENTS = ("all", "final")  # see capstf.layers.route_by_agreement
 
 
 @dataclasses.dataclass
 class DataConfig:
-    dataset: str = "mnist"           # mnist | multimnist | expanded-mnist | affnist
-    data_dir: str = ""               # "" = TFDS; "sample" = bundled digits; or an IDX folder
+    dataset: str = "mnist"           # a name in DATASETS, or tfds:NAME[:CONFIG]
+    data_dir: str = ""               # "" = TFDS; "sample" = bundled digits; an IDX folder; a TFDS data dir
     validation_digits: int = 0       # the last this many training digits are held out for validation
-    max_shift: int = 2               # training shift per axis, in pixels
+    max_shift: int = 2               # training shift per axis, in pixels (TFDS image sets: zero padding
+                                     # per side before the random crop)
+    random_flip: bool = False        # TFDS image sets, training: mirror left-right half the time
+    max_brightness_delta: float = 0.0  # ... add a brightness offset in [-this, this] (pixels in [0, 1])
+    max_contrast_change: float = 0.0   # ... scale each channel's contrast by 1 +- up to this
     train_max_rotation_deg: float = 0.0  # mnist, expanded-mnist training: also rotate by up to this
     train_max_scale_change: float = 0.0  # ... and scale by 1 +- up to this (0, 0: shifts only)
     train_rotate_scale_epochs: float = 0.0  # ... only in the first this many epochs (0: all)
@@ -197,8 +229,7 @@ CHOICES = {"train.jit": ("auto", "routing", "step", "off"),
            "train.distribute": ("auto", "mirrored", "multi-worker", "one-device"),
            "train.schedule": ("exponential", "cosine"),
            "model.kind": ("capsnet", "baseline"),
-           "model.routing_gradients": ROUTING_GRADIENTS,
-           "data.dataset": tuple(DATASETS)}
+           "model.routing_gradients": ROUTING_GRADIENTS}
 
 
 def validate(cfg: Config):
@@ -208,6 +239,7 @@ def validate(cfg: Config):
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             raise CapstfError(f"{key}={value!r}: choose one of {', '.join(allowed)}.")
+    check_dataset_name(cfg.data.dataset)
     positive = {"train.batch_size": cfg.train.batch_size, "model.routing_iters": cfg.model.routing_iters,
                 "train.checkpoint_every": cfg.train.checkpoint_every,
                 "data.partners_per_digit": cfg.data.partners_per_digit,
@@ -229,7 +261,17 @@ def validate(cfg: Config):
         raise CapstfError("Training rotation and scaling are for --dataset mnist and expanded-mnist only.")
     if not 0 < cfg.train.learning_rate < 1:
         raise CapstfError(f"train.learning_rate must be in (0, 1), got {cfg.train.learning_rate}.")
-    cfg.model.input_size, cfg.model.digits_per_image = DATASETS[cfg.data.dataset]
+    if cfg.data.max_shift < 0 or cfg.data.max_brightness_delta < 0 or not 0 <= cfg.data.max_contrast_change < 1:
+        raise CapstfError("data.max_shift and data.max_brightness_delta must be at least 0, and "
+                          "data.max_contrast_change in [0, 1).")
+    if (cfg.data.random_flip or cfg.data.max_brightness_delta or cfg.data.max_contrast_change) and \
+            not is_image_set(cfg.data.dataset):
+        raise CapstfError("data.random_flip, data.max_brightness_delta and data.max_contrast_change are for "
+                          f"the TFDS image data sets ({', '.join(TFDS_IMAGE_SETS)}, {TFDS_PREFIX}NAME).")
+    if cfg.data.dataset in DATASETS:  # a tfds: data set's shape is filled in once it is loaded
+        canvas = DATASETS[cfg.data.dataset]
+        cfg.model.input_size, cfg.model.digits_per_image = canvas.size, canvas.digits_per_image
+        cfg.model.channels, cfg.model.num_classes = canvas.channels, canvas.num_classes
 
 
 def save(cfg: Config, model_dir: Path):

@@ -6,8 +6,8 @@ import tensorflow as tf
 
 from capstf import config as config_lib
 from capstf.checkpoints import restore_for_inference
-from capstf.data.datasets import SPECS, make_dataset, num_examples, spec
-from capstf.data.sources import load_digits
+from capstf.data.datasets import input_canvas, make_dataset, num_examples
+from capstf.data.sources import load_examples
 from capstf.errors import CapstfError
 from capstf.metrics import exact_match
 
@@ -28,13 +28,18 @@ def score(model, dataset) -> dict:
     return {"accuracy": correct / total, "error": 1 - correct / total, "examples": total}
 
 
-def check_dataset_fits(cfg, dataset, model_dir):
-    """A model takes only data sets of its canvas size and digits per image."""
-    if dataset not in SPECS:
-        raise CapstfError(f"Unknown data set {dataset!r}; choose one of {', '.join(SPECS)}.")
-    if spec(dataset).canvas != cfg.model.input_size or spec(dataset).digits_per_image != cfg.model.digits_per_image:
-        raise CapstfError(f"{model_dir} holds a model trained on {cfg.data.dataset} "
-                          f"({cfg.model.input_size}x{cfg.model.input_size}); it cannot take {dataset}.")
+def check_dataset_fits(cfg, dataset, model_dir, canvas=None):
+    """A model takes only data sets of its input size, channels, classes and digits per image.
+
+    canvas: the data set's, if loaded (a tfds:NAME data set's is known only then).
+    """
+    config_lib.check_dataset_name(dataset)
+    canvas = canvas or config_lib.DATASETS.get(dataset)
+    model = cfg.model
+    if canvas and tuple(canvas) != (model.input_size, model.digits_per_image, model.channels, model.num_classes):
+        raise CapstfError(f"{model_dir} holds a model trained on {cfg.data.dataset} ({model.input_size}x"
+                          f"{model.input_size}x{model.channels}, {model.num_classes} classes); it cannot take "
+                          f"{dataset} ({canvas.size}x{canvas.size}x{canvas.channels}, {canvas.num_classes} classes).")
 
 
 class Ensemble:
@@ -68,11 +73,13 @@ def measure(model_dirs, dataset=None, data_dir=None, split="test", limit=0,
         cfg.data.data_dir = data_dir
     if partners_per_digit:
         cfg.data.partners_per_digit = partners_per_digit
+    examples = load_examples(cfg.data.data_dir, split, dataset, cfg.data.validation_digits)
+    for model_dir, model_cfg in zip(model_dirs, configs):
+        check_dataset_fits(model_cfg, dataset, model_dir, input_canvas(cfg.data, examples))
     restored = [restore_for_inference(d, c, checkpoint) for d, c in zip(model_dirs, configs)]
     model = restored[0][0] if len(restored) == 1 else Ensemble([m for m, _ in restored])
-    digits = load_digits(cfg.data.data_dir, split, dataset, cfg.data.validation_digits)
-    # Either split is scored as a test set: one deterministic pass, digits unshifted.
-    data = make_dataset(cfg.data, digits, "test", batch_size, cfg.train.seed, limit=limit)
+    # Either split is scored as a test set: one deterministic pass, unshifted (central crops).
+    data = make_dataset(cfg.data, examples, "test", batch_size, cfg.train.seed, limit=limit)
     metrics = {"dataset": dataset, "split": split, "step": restored[0][1] if len(restored) == 1 else [s for _, s in restored],
                **score(model, data), "parameters": model.count_params()}
     if len(restored) > 1:
@@ -80,7 +87,7 @@ def measure(model_dirs, dataset=None, data_dir=None, split="test", limit=0,
     if dataset == "multimnist":
         metrics["partners_per_digit"] = cfg.data.partners_per_digit
         metrics["both_correct_accuracy"] = metrics["accuracy"]
-    metrics["available_examples"] = num_examples(cfg.data, digits, "test")
+    metrics["available_examples"] = num_examples(cfg.data, examples, "test")
     return metrics
 
 

@@ -18,7 +18,7 @@ import tensorflow as tf
 from capstf import config as config_lib
 from capstf.checkpoints import restore_for_inference
 from capstf.data.datasets import make_dataset
-from capstf.data.sources import load_digits
+from capstf.data.sources import load_examples
 from capstf.errors import CapstfError, RuntimeFailure
 
 ONNX_OPSET = 17
@@ -71,7 +71,7 @@ def export(model_dir, export_dir, name="capsnet", version=None, formats=("savedm
            xla=False, verify_examples=64, data_dir=None) -> dict:
     """Exports the newest checkpoint of model_dir; returns the export report.
 
-    data_dir: where the test digits that verify the exports come from (default: the training
+    data_dir: where the test examples that verify the exports come from (default: the training
     data's source; `sample`, the bundled digits, needs neither network nor files).
     """
     model_dir, export_dir = Path(model_dir), Path(export_dir)
@@ -95,8 +95,8 @@ def export(model_dir, export_dir, name="capsnet", version=None, formats=("savedm
 
     if data_dir is not None:
         cfg.data.data_dir = data_dir
-    digits = load_digits(cfg.data.data_dir, "test")
-    batch = next(iter(make_dataset(cfg.data, digits, "test", verify_examples, cfg.train.seed, limit=verify_examples)))
+    examples = load_examples(cfg.data.data_dir, "test", cfg.data.dataset)
+    batch = next(iter(make_dataset(cfg.data, examples, "test", verify_examples, cfg.train.seed, limit=verify_examples)))
     images = batch["image"]
     reference = {k: v.numpy() for k, v in module.outputs(images).items()}
     report = {"model_dir": str(model_dir), "step": step, "dataset": cfg.data.dataset,

@@ -19,8 +19,8 @@ from tqdm import tqdm
 
 from capstf import config as config_lib
 from capstf.checkpoints import checkpoint_dir, list_checkpoints, prepare_model_dir, restore_newest_readable
-from capstf.data.datasets import make_dataset
-from capstf.data.sources import load_digits
+from capstf.data.datasets import fit_model_to_data, make_dataset
+from capstf.data.sources import load_examples
 from capstf.errors import CapstfError, Preempted, RuntimeFailure
 from capstf.evaluate import score
 from capstf.metrics import exact_match
@@ -158,10 +158,11 @@ def train(cfg, model_dir, quiet=None) -> dict:
     strategy = make_strategy(cfg.train.distribute)
     jit, precision, forward_conv_gradients = device_defaults(cfg.train)
     chief = is_chief(strategy)
-    train_digits = load_digits(cfg.data.data_dir, "train", validation_digits=cfg.data.validation_digits)
-    # Scored after each epoch: the held-out training digits if there are any, else the test digits.
+    train_examples = load_examples(cfg.data.data_dir, "train", cfg.data.dataset, cfg.data.validation_digits)
+    fit_model_to_data(cfg, train_examples)
+    # Scored after each epoch: the held-out training examples if there are any, else the test ones.
     eval_split = "validation" if cfg.data.validation_digits else "test"
-    eval_digits = load_digits(cfg.data.data_dir, eval_split, validation_digits=cfg.data.validation_digits) \
+    eval_data = load_examples(cfg.data.data_dir, eval_split, cfg.data.dataset, cfg.data.validation_digits) \
         if cfg.train.eval_examples and chief else None
     changed, lock = prepare_model_dir(cfg, model_dir, chief)
     log = (lambda msg: None) if not chief else (lambda msg: tqdm.write(msg, file=sys.stdout))
@@ -172,7 +173,7 @@ def train(cfg, model_dir, quiet=None) -> dict:
     if global_batch % strategy.num_replicas_in_sync:
         raise CapstfError(f"--batch-size {global_batch} must divide evenly over "
                           f"{strategy.num_replicas_in_sync} replicas.")
-    steps_per_epoch = max(1, len(train_digits.labels) // global_batch)
+    steps_per_epoch = max(1, len(train_examples.labels) // global_batch)
     total_steps = cfg.train.steps or math.ceil(cfg.train.epochs * steps_per_epoch)
 
     with strategy.scope():
@@ -191,13 +192,13 @@ def train(cfg, model_dir, quiet=None) -> dict:
             + (f"; settings changed since: {config_lib.describe_changes(changed)}" if changed else ""))
 
     def dataset_fn(ctx: tf.distribute.InputContext):
-        return make_dataset(cfg.data, train_digits, "train", ctx.get_per_replica_batch_size(global_batch),
+        return make_dataset(cfg.data, train_examples, "train", ctx.get_per_replica_batch_size(global_batch),
                             cfg.train.seed, start_example=start_example,
                             pipeline_id=ctx.input_pipeline_id, num_pipelines=ctx.num_input_pipelines)
     batches = iter(strategy.distribute_datasets_from_function(dataset_fn))
     train_step = make_train_step(model, optimizer, strategy, global_batch, jit == "step")
 
-    preview = next(iter(make_dataset(cfg.data, train_digits, "test", 8, cfg.train.seed)))
+    preview = next(iter(make_dataset(cfg.data, train_examples, "test", 8, cfg.train.seed)))
     writer = tf.summary.create_file_writer(str(model_dir / "train")) if chief else tf.summary.create_noop_writer()
     sums, t0, seen = {}, time.perf_counter(), 0
     run_start, eval_seconds = t0, 0.0
@@ -218,16 +219,12 @@ def train(cfg, model_dir, quiet=None) -> dict:
             save(step)
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=quiet or not chief, dynamic_ncols=True)
     result = {"step": start}
-    # Saving is collective: one worker of several cannot save on its own when it alone is
-    # interrupted, so only single-process runs checkpoint on SIGTERM or Ctrl-C (multi-worker
-    # runs keep their periodic checkpoints).
-    alone = not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    with writer.as_default(), SigtermFlag(enabled=alone) as sigterm:
+    stopped = False  # by a stop request on any worker
+    with writer.as_default(), StopSignals() as signals:
         try:
             for step in range(start + 1, total_steps + 1):
-                if sigterm.received:
-                    break
-                metrics = {k: float(v) for k, v in train_step(batches).items()}
+                metrics = {k: float(v) for k, v in train_step(batches, signals.received is not None).items()}
+                stopped = metrics.pop("stop_requests") > 0
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 seen += global_batch
@@ -245,9 +242,9 @@ def train(cfg, model_dir, quiet=None) -> dict:
                 if chief and (step % cfg.train.checkpoint_every == 0 or step == total_steps):
                     log_reconstructions(model, preview, step)
                 bar.update(1)
-                if chief and eval_digits is not None and (step % steps_per_epoch == 0 or step == total_steps):
+                if chief and eval_data is not None and (step % steps_per_epoch == 0 or step == total_steps):
                     eval_start = time.perf_counter()
-                    ev = score(model, make_dataset(cfg.data, eval_digits, "test", 100, cfg.train.seed,
+                    ev = score(model, make_dataset(cfg.data, eval_data, "test", 100, cfg.train.seed,
                                                    limit=cfg.train.eval_examples))
                     tf.summary.scalar(f"{eval_split}_accuracy", ev["accuracy"], step=step)
                     log(f"step {step} (epoch {step / steps_per_epoch:.2f}): {eval_split} accuracy "
@@ -257,50 +254,58 @@ def train(cfg, model_dir, quiet=None) -> dict:
                     eval_seconds += spent
                     t0 += spent  # examples/s counts training only
                     result[f"{eval_split}_accuracy"] = ev["accuracy"]
-        except KeyboardInterrupt:  # keep every finished step, then stop
-            if alone:
+                if stopped:
+                    break
+        except KeyboardInterrupt:  # a second Ctrl-C: keep every finished step where saving is ours alone
+            if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
                 save_unless_saved(int(optimizer.iterations.numpy()))
             raise
         save_unless_saved(int(optimizer.iterations.numpy()))
     bar.close()
     if lock:
         lock.close()
-    if sigterm.received:
-        raise Preempted(f"stopped by SIGTERM after step {int(optimizer.iterations.numpy())} of {total_steps}, "
-                        f"checkpointed in {own_checkpoints}; rerun the same command to resume.")
+    if stopped and int(optimizer.iterations.numpy()) < total_steps:  # at the last step: simply done
+        if signals.received == "SIGINT":
+            raise KeyboardInterrupt
+        raise Preempted(f"stopped by {signals.received or 'a stop request to another worker'} after step "
+                        f"{int(optimizer.iterations.numpy())} of {total_steps}, checkpointed in {own_checkpoints}; "
+                        "rerun the same command to resume.")
     if not chief:  # workers save only because saving is collective; their copies are scratch
         shutil.rmtree(own_checkpoints, ignore_errors=True)
     return {**result, "examples_seen": int(checkpoint.examples_seen.numpy()),
             "train_seconds": round(float(checkpoint.train_seconds.numpy()), 1)}
 
 
-class SigtermFlag:
-    """While active (and enabled), SIGTERM (what Kubernetes and batch schedulers send before a
-    kill) sets `received` instead of killing the process, so the loop can finish its step and
-    checkpoint."""
-
-    def __init__(self, enabled=True):
-        self.enabled = enabled
+class StopSignals:
+    """While active, SIGTERM (what Kubernetes and batch schedulers send before a kill) and a first
+    Ctrl-C only note that a stop was asked for (`received`: the signal's name). The loop passes
+    the request through the next step's all-reduce, so that every worker, whichever one was
+    signalled, stops after the same step and writes its checkpoint with the others (saving is
+    collective). A second Ctrl-C interrupts at once."""
 
     def __enter__(self):
-        self.received = False
-        self.previous = None
-        if self.enabled and threading.current_thread() is threading.main_thread():  # signals reach the main thread
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.received = None
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():  # signals reach the main thread
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
         return self
 
     def _handle(self, signum, frame):
-        self.received = True
+        self.received = self.received or signal.Signals(signum).name
+        if signum == signal.SIGINT:  # the next Ctrl-C: Python's KeyboardInterrupt again
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 def make_train_step(model, optimizer, strategy, global_batch, jit_step):
-    """One optimizer step on one batch per replica; returns metric sums over the global batch."""
+    """One optimizer step on one batch per replica: step(iterator, stop_requested) returns
+    metric sums over the global batch, and in `stop_requests` how many replicas, over all
+    workers, were asked to stop (the all-reduce that carries the metrics carries it too)."""
     @tf.function(jit_compile=jit_step)
-    def replica_step(batch):
+    def replica_step(batch, stop_requested):
         with tf.GradientTape() as tape:
             out = model(batch["image"], labels=batch["label"], training=True)
             losses = model.per_example_losses(out, batch)
@@ -313,12 +318,16 @@ def make_train_step(model, optimizer, strategy, global_batch, jit_step):
         sums = {k: tf.reduce_sum(v) for k, v in losses.items()}
         sums["accuracy"] = tf.reduce_sum(tf.cast(exact_match(out["probabilities"], batch["label"]), tf.float32))
         sums["examples"] = tf.cast(tf.shape(batch["label"])[0], tf.float32)
+        sums["stop_requests"] = tf.cast(stop_requested, tf.float32)
         return sums
 
     @tf.function
-    def step(iterator):
-        per_replica = strategy.run(replica_step, args=(next(iterator),))
+    def step_fn(iterator, stop_requested):
+        per_replica = strategy.run(replica_step, args=(next(iterator), stop_requested))
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
+
+    def step(iterator, stop_requested=False):
+        return step_fn(iterator, tf.constant(stop_requested))  # a tensor: one trace for both values
     return step
 
 

@@ -8,21 +8,22 @@ from PIL import Image, ImageDraw
 from capstf import config as config_lib
 from capstf.checkpoints import restore_for_inference
 from capstf.data.datasets import make_dataset
-from capstf.data.sources import load_digits
+from capstf.data.inspect import viewable
+from capstf.data.sources import load_examples
 from capstf.errors import CapstfError, RuntimeFailure
 from capstf.evaluate import check_dataset_fits
 
-SCALE = 3        # pixels per digit pixel
+SCALE = 3        # pixels per image pixel
 CAPTION = 12     # caption height in pixels
 PERTURBATIONS = np.round(np.arange(-0.25, 0.2501, 0.05), 2)  # the paper's Figure 4 range
 
 
 # ------------------------------------------------------------------------------ drawing
 
-def _gray(image) -> Image.Image:
-    """[H, W] or [H, W, 1] floats in [0, 1] -> an RGB tile, SCALE times larger."""
-    pixels = np.round(np.clip(np.squeeze(image), 0, 1) * 255).astype(np.uint8)
-    return Image.fromarray(pixels, "L").resize((pixels.shape[1] * SCALE, pixels.shape[0] * SCALE), Image.NEAREST).convert("RGB")
+def _tile(image) -> Image.Image:
+    """[H, W, C] floats in [0, 1] -> an RGB tile (grey, colour or a stereo pair), SCALE times larger."""
+    pixels = viewable(image)
+    return Image.fromarray(pixels, "RGB").resize((pixels.shape[1] * SCALE, pixels.shape[0] * SCALE), Image.NEAREST)
 
 
 def _grid(tiles, columns, captions=None, flags=None) -> Image.Image:
@@ -47,14 +48,15 @@ def reconstruction_sheet(images, reconstructions, labels, predictions):
     """Figure 3: each input above its reconstruction, captioned (label, prediction, target).
 
     Args:
-      images: [n, H, W, 1]; reconstructions: [n, k, H, W, 1] (k digits, overlaid).
+      images: [n, H, W, C]; reconstructions: [n, k, H, W, C] (k digits, overlaid).
       labels, predictions: [n, k] ints. The reconstruction target is the prediction.
     """
     tiles, captions, flags = [], [], []
     for image, recon, label, pred in zip(images, reconstructions, labels, predictions):
-        pair = Image.new("RGB", (image.shape[1] * SCALE, 2 * image.shape[0] * SCALE))
-        pair.paste(_gray(image), (0, 0))
-        pair.paste(_gray(np.minimum(recon.sum(0), 1)), (0, image.shape[0] * SCALE))
+        above, below = _tile(image), _tile(np.minimum(recon.sum(0), 1))
+        pair = Image.new("RGB", (above.width, 2 * above.height))
+        pair.paste(above, (0, 0))
+        pair.paste(below, (0, above.height))
         tiles.append(pair)
         fmt = lambda v: "".join(map(str, v))
         captions.append(f"({fmt(label)},{fmt(pred)},{fmt(pred)})")
@@ -90,8 +92,8 @@ def _load(model_dir, dataset, data_dir):
 
 
 def _examples(cfg, count, seed=0):
-    digits = load_digits(cfg.data.data_dir, "test", cfg.data.dataset)
-    return make_dataset(cfg.data, digits, "test", 100, seed, limit=max(count * 50, 500))
+    examples = load_examples(cfg.data.data_dir, "test", cfg.data.dataset)
+    return make_dataset(cfg.data, examples, "test", 100, seed, limit=max(count * 50, 500))
 
 
 def _save(image, out):
@@ -131,7 +133,7 @@ def reconstructions(model_dir, out, dataset=None, data_dir=None, count=20):
 def perturbations(model_dir, out, dataset=None, data_dir=None, index=0):
     """Figure 4: each dimension of one digit's capsule moved over PERTURBATIONS, decoded.
 
-    Returns the decoded grid too: [dims, len(PERTURBATIONS), H, W, 1].
+    Returns the decoded grid too: [dims, len(PERTURBATIONS), H, W, C].
     """
     cfg, model = _load(model_dir, dataset, data_dir)
     batch = next(iter(_examples(cfg, 1)))
@@ -146,7 +148,7 @@ def perturbations(model_dir, out, dataset=None, data_dir=None, index=0):
     capsules = tf.transpose(capsules, [1, 0, 2])  # [dims * steps, classes, dim]
     decoded = model.reconstruct(capsules, tf.fill([dims * len(PERTURBATIONS), 1], top))[:, 0]
     grid = tf.reshape(decoded, [dims, len(PERTURBATIONS), *decoded.shape[1:]]).numpy()
-    tiles = [_gray(tile) for row in grid for tile in row]
+    tiles = [_tile(tile) for row in grid for tile in row]
     info = _save(_grid(tiles, len(PERTURBATIONS)), out)
     return {**info, "rows": dims, "columns": len(PERTURBATIONS), "digit_class": top}, grid
 

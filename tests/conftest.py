@@ -11,14 +11,14 @@ split_cpu(2)  # two logical CPU devices, for the MirroredStrategy tests; must pr
 
 @pytest.fixture(scope="session")
 def train_digits():
-    from capstf.data.sources import load_digits
-    return load_digits("sample", "train")
+    from capstf.data.sources import load_examples
+    return load_examples("sample", "train")
 
 
 @pytest.fixture(scope="session")
 def test_digits():
-    from capstf.data.sources import load_digits
-    return load_digits("sample", "test")
+    from capstf.data.sources import load_examples
+    return load_examples("sample", "test")
 
 
 def small_config(dataset="mnist", **train):

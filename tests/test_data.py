@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from capstf.config import DataConfig
 from capstf.data.datasets import affine_warp, ink_box, make_dataset
-from capstf.data.sources import Digits, load_digits
+from capstf.data.sources import Examples, load_examples
 from capstf.errors import CapstfError
 
 
@@ -154,7 +154,7 @@ def test_raw_and_gzipped_idx_folders_load(tmp_path):
     raw = folder / "t10k-images-idx3-ubyte"
     raw.write_bytes(gzip.decompress((folder / "t10k-images-idx3-ubyte.gz").read_bytes()))
     (folder / "t10k-images-idx3-ubyte.gz").unlink()
-    assert load_digits(str(folder), "test").images.shape == (5000, 28, 28)
+    assert load_examples(str(folder), "test").images.shape == (5000, 28, 28)
 
 
 def damage_compressed_body(gzipped: bytes) -> bytes:
@@ -174,7 +174,7 @@ def test_damaged_idx_files_give_clear_errors_naming_the_file(tmp_path, damage, m
     folder = copy_sample(tmp_path)
     damage(folder / "train-images-idx3-ubyte.gz")
     with pytest.raises(CapstfError, match=message) as error:
-        load_digits(str(folder), "train")
+        load_examples(str(folder), "train")
     assert "train-images" in str(error.value)
 
 
@@ -184,12 +184,12 @@ def test_images_and_labels_of_different_counts_are_refused(tmp_path):
     short = labels[:4] + (4000).to_bytes(4, "big") + labels[8:8 + 4000]
     (folder / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(short))
     with pytest.raises(CapstfError, match="5000 images but 4000 labels"):
-        load_digits(str(folder), "train")
+        load_examples(str(folder), "train")
 
 
 def test_missing_data_dir_names_the_ways_out():
     with pytest.raises(CapstfError, match="--data-dir sample"):
-        load_digits("/nonexistent/mnist", "train")
+        load_examples("/nonexistent/mnist", "train")
 
 
 def test_real_affnist_files_are_read_as_they_are(tmp_path, test_digits):
@@ -199,7 +199,7 @@ def test_real_affnist_files_are_read_as_they_are(tmp_path, test_digits):
     labels = rng.integers(0, 10, size=7)
     # affNIST's layout: one row-major 40x40 image per column of a [1600, n] matrix
     savemat(tmp_path / "test.mat", {"affNISTdata": {"image": images.reshape(7, 1600).T, "label_int": labels}})
-    digits = load_digits(str(tmp_path), "test", "affnist")
+    digits = load_examples(str(tmp_path), "test", "affnist")
     np.testing.assert_array_equal(digits.images, images)
     np.testing.assert_array_equal(digits.labels, labels)
     batch = take(DataConfig(dataset="affnist"), digits, "test", 7)
@@ -207,11 +207,11 @@ def test_real_affnist_files_are_read_as_they_are(tmp_path, test_digits):
     np.testing.assert_array_equal(batch["label"], labels)
     (tmp_path / "test.mat").write_bytes(b"MATLAB 5.0 MAT-file, garbage")
     with pytest.raises(CapstfError, match="not an affNIST .mat file"):
-        load_digits(str(tmp_path), "test", "affnist")
+        load_examples(str(tmp_path), "test", "affnist")
 
 
 def test_each_epoch_shifts_every_digit_afresh(train_digits):
-    few = Digits(train_digits.images[::500], train_digits.labels[::500])  # 10 digits: short epochs
+    few = Examples(train_digits.images[::500], train_digits.labels[::500])  # 10 digits: short epochs
     batch = take(DataConfig(dataset="mnist", max_shift=2), few, "train", 40)  # 4 epochs
     shifts = {}
     for image in batch["image"][..., 0]:
@@ -231,7 +231,7 @@ def orientation_deg(image):
 
 def test_training_rotation_and_scaling_stay_within_their_bounds(train_digits):
     ones = train_digits.labels == 1  # long thin digits: a well-defined ink axis
-    digits = Digits(train_digits.images[ones], train_digits.labels[ones])
+    digits = Examples(train_digits.images[ones], train_digits.labels[ones])
     plain = take(DataConfig(dataset="mnist", max_shift=0), digits, "train", 200)
     turned = take(DataConfig(dataset="mnist", max_shift=0, train_max_rotation_deg=15), digits, "train", 200)
     scaled = take(DataConfig(dataset="mnist", max_shift=0, train_max_scale_change=0.2), digits, "train", 200)
@@ -258,7 +258,7 @@ def test_training_rotation_turns_each_digit_about_its_own_position(train_digits)
 
 
 def test_rotation_and_scaling_stop_after_their_epochs(train_digits):
-    digits = Digits(train_digits.images[:10], train_digits.labels[:10])  # 10-example epochs
+    digits = Examples(train_digits.images[:10], train_digits.labels[:10])  # 10-example epochs
     early = DataConfig(dataset="mnist", max_shift=0, train_max_rotation_deg=15, train_max_scale_change=0.1,
                        train_rotate_scale_epochs=2)
     turned = take(early, digits, "train", 6, start_example=17)["image"]  # positions 17-22: epochs 1 and 2
@@ -295,7 +295,7 @@ def test_offline_tfds_fails_fast_naming_the_ways_out(monkeypatch, tmp_path):
     monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path))  # no prepared copy there
     start = time.perf_counter()
     with pytest.raises(CapstfError, match="--data-dir sample") as error:
-        load_digits("", "train")
+        load_examples("", "train")
     assert "storage.googleapis.com" in str(error.value) and time.perf_counter() - start < 5
 
 
@@ -311,6 +311,6 @@ def test_input_pipelines_together_yield_exactly_the_one_pipeline_stream(train_di
 
 def test_multimnist_refuses_digits_without_every_class(train_digits):
     no_nines = train_digits.labels != 9
-    digits = Digits(train_digits.images[no_nines], train_digits.labels[no_nines])
+    digits = Examples(train_digits.images[no_nines], train_digits.labels[no_nines])
     with pytest.raises(CapstfError, match="the train digits hold no 9"):
         make_dataset(DataConfig(dataset="multimnist", max_shift=4), digits, "train", 8, seed=0)

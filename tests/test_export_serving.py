@@ -39,8 +39,8 @@ def server(exported):
 
 
 def digits(count=8):
-    from capstf.data.sources import load_digits
-    return load_digits("sample", "test").images[:count].astype(np.float32)[..., None] / 255
+    from capstf.data.sources import load_examples
+    return load_examples("sample", "test").images[:count].astype(np.float32)[..., None] / 255
 
 
 def test_export_writes_tf_serving_layout_and_a_verified_report(exported):

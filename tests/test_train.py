@@ -164,14 +164,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_two_workers(model_dir, steps, checkpoint_every=2):
+def start_two_workers(model_dir, steps, checkpoint_every=2, *extra_args):
     """`capstf train` as two MultiWorkerMirroredStrategy workers on 127.0.0.1 (Popen objects)."""
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     args = [sys.executable, "-m", "capstf.cli", "train", "--dataset", "mnist", "--data-dir", "sample",
             "--model-dir", str(model_dir), "--steps", str(steps), "--batch-size", "16",
             "--distribute", "multi-worker", "--precision", "float32", "--checkpoint-every", str(checkpoint_every),
-            "--set", "model.conv1_filters=16", "--set", "model.primary_caps_types=4"]
+            "--set", "model.conv1_filters=16", "--set", "model.primary_caps_types=4", *extra_args]
     return [subprocess.Popen(args, env={**os.environ, "TF_CONFIG": json.dumps(
         {"cluster": cluster, "task": {"type": "worker", "index": i}})}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
@@ -321,7 +321,7 @@ def test_an_ensemble_scores_the_average_of_its_models_capsule_lengths(tmp_path, 
 def test_held_out_validation_digits_are_never_trained_on_and_score_per_epoch(tmp_path, capsys, monkeypatch,
                                                                             train_digits):
     import capstf.train as train_module
-    from capstf.data.sources import load_digits
+    from capstf.data.sources import load_examples
     cfg = small_config(steps=4, eval_examples=300)
     cfg.data.validation_digits = 1000
     trained_on = []
@@ -341,7 +341,7 @@ def test_held_out_validation_digits_are_never_trained_on_and_score_per_epoch(tmp
     expected = np.mean(np.argmax(model(held_out)["probabilities"].numpy(), 1) == train_digits.labels[-1000:])
     assert metrics["examples"] == 1000 and metrics["accuracy"] == pytest.approx(expected)
     with pytest.raises(CapstfError, match="holds out no validation digits"):
-        load_digits("sample", "validation")
+        load_examples("sample", "validation")
 
 
 def test_multi_worker_run_killed_after_a_checkpoint_resumes_even_without_a_workers_scratch(tmp_path):
@@ -363,5 +363,29 @@ def test_multi_worker_run_killed_after_a_checkpoint_resumes_even_without_a_worke
     cfg = config_lib.load_saved(tmp_path / "straight")
     (step_a, a), (step_b, b) = weights(tmp_path / "straight", cfg), weights(tmp_path / "killed", cfg)
     assert step_a == step_b == 120
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_sigterm_to_one_worker_stops_every_worker_after_the_same_step_and_the_run_resumes(tmp_path):
+    import signal
+    import time
+    from capstf.checkpoints import list_checkpoints
+    run_two_workers(tmp_path / "straight", 80, 1000)
+    workers = start_two_workers(tmp_path / "stopped", 80, 1000, "--set", "train.log_every=1")
+    events = tmp_path / "stopped" / "train"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (events.is_dir() and any(p.stat().st_size > 2000 for p in events.iterdir())):
+        time.sleep(0.1)  # TensorBoard scalars appear once steps run
+    workers[1].send_signal(signal.SIGTERM)  # the worker, not the chief: the chief must hear of it
+    outputs = [w.communicate(timeout=120)[0] for w in workers]
+    assert [w.returncode for w in workers] == [143, 143], outputs
+    assert "stopped by a stop request to another worker" in outputs[0] and "stopped by SIGTERM" in outputs[1]
+    stopped_at = list_checkpoints(tmp_path / "stopped")[-1][0]
+    assert 0 < stopped_at < 80  # written at the stop: no checkpoint was due before the end
+    run_two_workers(tmp_path / "stopped", 80, 1000)
+    cfg = config_lib.load_saved(tmp_path / "straight")
+    (step_a, a), (step_b, b) = weights(tmp_path / "straight", cfg), weights(tmp_path / "stopped", cfg)
+    assert step_a == step_b == 80
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, atol=1e-6)

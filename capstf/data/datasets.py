@@ -1,5 +1,8 @@
 """The paper's data sets, generated on the fly in tf.data.
 
+MNIST-based sets (mnist, multimnist, expanded-mnist, affnist) place, pair and warp digits;
+TFDS image sets (smallnorb, cifar10, svhn, tfds:NAME) crop, flip and jitter their images.
+
 Every example is a pure function of (seed, its position in the stream), so a run is
 reproducible, resumes mid-epoch at the exact example it stopped at, and shards across workers.
 A pipeline has two stages:
@@ -8,7 +11,7 @@ A pipeline has two stages:
    random ops seeded by the example's position;
 2. per batch, vectorized: gather the digits and render them (`translate`, `affine_warp`).
 
-Batches are dicts: `image` float32 [batch, H, W, 1] in [0, 1]; `label` int32 [batch] (one
+Batches are dicts: `image` float32 [batch, H, W, C] in [0, 1]; `label` int32 [batch] (one
 digit) or [batch, 2] (MultiMNIST); `components` float32 [batch, 2, H, W, 1] (MultiMNIST: each
 digit alone, the reconstruction targets).
 """
@@ -18,18 +21,17 @@ from typing import Callable, Dict, NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from capstf.config import DATASETS
-from capstf.data.sources import Digits
+from capstf.config import DATASETS, Canvas, is_tfds_name
+from capstf.data.sources import Examples
 from capstf.errors import CapstfError
 
-DIGIT_SIZE = 28
 NUM_CLASSES = 10
 AUTOTUNE = tf.data.AUTOTUNE
 
 
 class Spec(NamedTuple):
     """What defines a data set: its canvas and how one example's randomness is drawn."""
-    canvas: int
+    canvas: int  # 0: the size of the source images (tfds:NAME)
     digits_per_image: int
     draw: Callable  # (digit, key, seed, index tables, cfg, train) -> dict of per-example params
     render: Callable  # (batch of params, images tensor, cfg) -> batch dict
@@ -181,6 +183,15 @@ def _draw_affine(digit, key, seed, tables, cfg, train):
             "tx": u[4], "ty": u[5]}
 
 
+def _draw_crop(image, key, seed, tables, cfg, train):
+    """TFDS image sets: training draws where to crop, whether to mirror, and a brightness and
+    a contrast jitter (five uniforms, used in `_render_crop`); testing crops the centre."""
+    params = {"digit": image}
+    if train:
+        params["u"] = _uniform(key, seed, 5)
+    return params
+
+
 # ---------------------------------------------------------------------- rendering (batched)
 
 def _gather_digits(images, index):
@@ -212,16 +223,63 @@ def _render_affine(batch, images, cfg, canvas):
     return {"image": warped[..., None], "label": batch["label"]}
 
 
-SPECS: Dict[str, Spec] = {name: Spec(*DATASETS[name], draw, render) for name, draw, render in [
+def _render_crop(batch, images, cfg, canvas):
+    """Pads each image by data.max_shift, takes a canvas x canvas crop (random in training,
+    central in testing), and in training mirrors and jitters it as drawn."""
+    pixels = tf.cast(tf.gather(images, batch["digit"]), tf.float32) / 255.0  # [b, H, W, C]
+    pad = cfg.max_shift
+    pixels = tf.pad(pixels, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
+    room = pixels.shape[1] - canvas  # the crop's possible offsets: 0..room
+    train = "u" in batch
+    if train:
+        u = batch["u"]  # [b, 5]
+        top, left = (tf.cast(tf.floor(u[:, i] * (room + 1)), tf.int32) for i in (0, 1))
+    else:
+        top = left = tf.fill(tf.shape(batch["digit"]), room // 2)
+    window = tf.range(canvas)
+    pixels = tf.gather(pixels, top[:, None] + window, axis=1, batch_dims=1)  # [b, canvas, W, C]
+    pixels = tf.gather(pixels, left[:, None] + window, axis=2, batch_dims=1)  # [b, canvas, canvas, C]
+    if train:
+        each = lambda values: values[:, None, None, None]
+        if cfg.random_flip:
+            pixels = tf.where(each(u[:, 2] < 0.5), tf.reverse(pixels, [2]), pixels)
+        pixels += each((2 * u[:, 3] - 1) * cfg.max_brightness_delta)
+        mean = tf.reduce_mean(pixels, [1, 2], keepdims=True)  # per image and channel, as tf.image.adjust_contrast
+        pixels = (pixels - mean) * each(1 + (2 * u[:, 4] - 1) * cfg.max_contrast_change) + mean
+        pixels = tf.clip_by_value(pixels, 0.0, 1.0)
+    return {"image": pixels, "label": batch["label"]}
+
+
+SPECS: Dict[str, Spec] = {name: Spec(DATASETS[name].size, DATASETS[name].digits_per_image, draw, render)
+                          for name, draw, render in [
     ("mnist", _draw_single, _render_single),
     ("multimnist", _draw_pair, _render_pair),
     ("expanded-mnist", _draw_single, _render_single),
     ("affnist", _draw_affine, _render_affine),
+    ("smallnorb", _draw_crop, _render_crop),
+    ("cifar10", _draw_crop, _render_crop),
+    ("svhn", _draw_crop, _render_crop),
 ]}
+TFDS_SPEC = Spec(0, 1, _draw_crop, _render_crop)  # tfds:NAME: the whole image, padded and cropped
 
 
 def spec(name: str) -> Spec:
-    return SPECS[name]
+    return TFDS_SPEC if is_tfds_name(name) else SPECS[name]
+
+
+def input_canvas(cfg, examples: Examples) -> Canvas:
+    """What the model sees of data set `cfg.dataset` made from `examples`: size, channels, classes."""
+    s = spec(cfg.dataset)
+    channels = examples.images.shape[3] if examples.images.ndim == 4 else 1
+    return Canvas(s.canvas or examples.images.shape[1], s.digits_per_image, channels, examples.num_classes)
+
+
+def fit_model_to_data(cfg, examples: Examples):
+    """A tfds:NAME data set's size, channels and classes are known once it is loaded: the model
+    config (`cfg`, a whole Config) takes them from its training examples."""
+    if is_tfds_name(cfg.data.dataset):
+        canvas = input_canvas(cfg.data, examples)
+        cfg.model.input_size, cfg.model.channels, cfg.model.num_classes = canvas.size, canvas.channels, canvas.num_classes
 
 
 # ---------------------------------------------------------------------------- the pipeline
@@ -235,18 +293,18 @@ def _index_tables(labels: np.ndarray):
             "class_count": tf.constant(counts), "class_start": tf.constant(starts)}
 
 
-def num_examples(cfg, digits: Digits, split: str) -> int:
+def num_examples(cfg, examples: Examples, split: str) -> int:
     """Examples in one pass over a split (MultiMNIST test: digits x partners_per_digit)."""
-    n = len(digits.labels)
+    n = len(examples.labels)
     if cfg.dataset == "multimnist" and split == "test":
         return n * cfg.partners_per_digit
     return n
 
 
-def make_dataset(cfg, digits: Digits, split: str, batch_size: int, seed: int,
+def make_dataset(cfg, examples: Examples, split: str, batch_size: int, seed: int,
                  start_example: int = 0, pipeline_id: int = 0, num_pipelines: int = 1,
                  limit: int = 0) -> tf.data.Dataset:
-    """Batched examples of data set `cfg.dataset` built from `digits`.
+    """Batched examples of data set `cfg.dataset` built from `examples`.
 
     Args:
       cfg: a DataConfig (dataset name, shift, partner and affine settings).
@@ -260,16 +318,20 @@ def make_dataset(cfg, digits: Digits, split: str, batch_size: int, seed: int,
     """
     s = spec(cfg.dataset)
     train = split == "train"
-    if digits.images.shape[1] == s.canvas != DIGIT_SIZE:  # already rendered (real affNIST): use as is
+    if cfg.dataset == "affnist" and examples.images.shape[1] == s.canvas:  # real affNIST, already warped: as is
         s = s._replace(draw=_draw_single, render=_render_single)
-    n = len(digits.labels)
-    images = tf.constant(digits.images)
-    tables = _index_tables(digits.labels)
+    canvas = s.canvas or examples.images.shape[1]
+    if canvas > examples.images.shape[1] + 2 * cfg.max_shift and s.render is _render_crop:
+        raise CapstfError(f"{cfg.dataset}: its {examples.images.shape[1]}-pixel images cannot give "
+                          f"{canvas}x{canvas} crops.")
+    n = len(examples.labels)
+    images = tf.constant(examples.images)
+    tables = _index_tables(examples.labels)
     missing = np.flatnonzero(tables["class_count"].numpy() == 0)
     if s.digits_per_image == 2 and missing.size:  # each digit's partner is drawn from another class
         raise CapstfError(f"MultiMNIST draws partners from every class, but the {split} digits hold no "
                           f"{', '.join(map(str, missing))}.")
-    total = num_examples(cfg, digits, split)
+    total = num_examples(cfg, examples, split)
     if limit:
         total = min(total, limit)
     stop = np.iinfo(np.int64).max if train else total
@@ -287,7 +349,7 @@ def make_dataset(cfg, digits: Digits, split: str, batch_size: int, seed: int,
         return params
 
     def render(batch):
-        return s.render(batch, images, cfg, s.canvas)
+        return s.render(batch, images, cfg, canvas)
 
     return (positions.map(draw, num_parallel_calls=AUTOTUNE, deterministic=True)
             .batch(batch_size, drop_remainder=train, num_parallel_calls=AUTOTUNE, deterministic=True)

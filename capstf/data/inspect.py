@@ -5,19 +5,17 @@ import numpy as np
 
 from capstf.errors import CapstfError
 
-RECIPE_OF = {"affnist": "expanded-mnist"}  # affNIST is the test set of that experiment
-
 
 def write_examples(dataset, data_dir, split, count, seed, out, png=None) -> dict:
     """Generates `count` examples with the settings of the data set's recipe and saves them."""
     from capstf import config as config_lib
     from capstf.data.datasets import make_dataset
-    from capstf.data.sources import load_digits
+    from capstf.data.sources import load_examples
     if count < 1:
         raise CapstfError("--count must be at least 1.")
-    cfg = config_lib.resolve(RECIPE_OF.get(dataset, dataset), {"data.dataset": dataset, "data.data_dir": data_dir})
-    digits = load_digits(cfg.data.data_dir, split, dataset)
-    batch = next(iter(make_dataset(cfg.data, digits, split, count, seed, limit=count)))
+    cfg = config_lib.resolve(config_lib.recipe_for(dataset), {"data.dataset": dataset, "data.data_dir": data_dir})
+    examples = load_examples(cfg.data.data_dir, split, dataset)
+    batch = next(iter(make_dataset(cfg.data, examples, split, count, seed, limit=count)))
     arrays = {k: v.numpy() for k, v in batch.items()}
     _writable(out)
     np.savez_compressed(out, images=arrays["image"], labels=arrays["label"],
@@ -34,15 +32,26 @@ def _writable(path):
         raise CapstfError(f"Cannot write {path}: folder {folder} does not exist.")
 
 
+def viewable(image) -> np.ndarray:
+    """An image [H, W] or [H, W, C], floats in [0, 1] -> uint8 RGB [H, W', 3]: grey (C = 1),
+    colour (C = 3), or a stereo pair's two views side by side (C = 2, smallNORB; W' = 2W)."""
+    pixels = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
+    pixels = pixels[..., None] if pixels.ndim == 2 else pixels
+    if pixels.shape[-1] == 2:
+        pixels = np.concatenate([pixels[..., :1], pixels[..., 1:]], axis=1)
+    return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
+
+
 def contact_sheet(images, columns=16, gap=2):
-    """[n, H, W, 1] floats in [0, 1] -> a grayscale PIL image of them in a grid."""
+    """[n, H, W, C] floats in [0, 1] -> an RGB PIL image of them in a grid (see `viewable`)."""
     from PIL import Image
-    n, h, w = images.shape[:3]
-    rows = -(-n // columns)
-    cols = min(n, columns)
-    sheet = np.full((rows * (h + gap) + gap, cols * (w + gap) + gap), 64, np.uint8)
-    for i, image in enumerate(images):
+    tiles = [viewable(image) for image in images]
+    h, w = tiles[0].shape[:2]
+    rows = -(-len(tiles) // columns)
+    cols = min(len(tiles), columns)
+    sheet = np.full((rows * (h + gap) + gap, cols * (w + gap) + gap, 3), 64, np.uint8)
+    for i, tile in enumerate(tiles):
         r, c = divmod(i, columns)
         y, x = gap + r * (h + gap), gap + c * (w + gap)
-        sheet[y:y + h, x:x + w] = np.round(image[..., 0] * 255).astype(np.uint8)
-    return Image.fromarray(sheet, mode="L")
+        sheet[y:y + h, x:x + w] = tile
+    return Image.fromarray(sheet, mode="RGB")

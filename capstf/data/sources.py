@@ -1,18 +1,19 @@
-"""Where digits come from: TFDS, a folder of MNIST IDX files, or the bundled sample.
+"""Where examples come from: TFDS, a folder of MNIST IDX files, or the bundled sample.
 
-Every source returns the same thing, `Digits(images uint8 [n, 28, 28], labels int32 [n])`, so
-the data sets in `datasets.py` never care where the digits came from.
+Every source returns the same thing, `Examples(images uint8, labels int32 [n], num_classes)`,
+so the data sets in `datasets.py` never care where the images came from: MNIST digits as
+[n, 28, 28] (whichever source), TFDS image data sets as [n, H, W, C].
 """
 import gzip
-import os
 import socket
 import struct
 import zlib
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Tuple
 
 import numpy as np
 
+from capstf.config import TFDS_PREFIX, is_image_set
 from capstf.errors import CapstfError, RuntimeFailure
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
@@ -25,35 +26,61 @@ OFFLINE_HINT = ("Use `--data-dir sample` for the bundled 5,000+5,000 real MNIST 
                 "`--data-dir DIR` for a folder with the four MNIST IDX files.")
 
 
-class Digits(NamedTuple):
-    images: np.ndarray  # [n, 28, 28] uint8
-    labels: np.ndarray  # [n] int32
+class Examples(NamedTuple):
+    images: np.ndarray  # uint8 [n, 28, 28] (MNIST digits) or [n, H, W, C] (TFDS image data sets)
+    labels: np.ndarray  # int32 [n]
+    num_classes: int = 10
 
 
-def load_digits(data_dir: str, split: str, dataset: str = "mnist", validation_digits: int = 0) -> Digits:
-    """Loads one split. `data_dir`: "" or "tfds" for TFDS, "sample", or a folder of IDX files.
+class TfdsImages(NamedTuple):
+    """Which features of a TFDS data set make capstf's examples."""
+    name: str                  # TFDS's name[/config]
+    image_features: Tuple[str, ...]  # stacked as channels (smallNORB's stereo pair: 2)
+    label_feature: str
+    resize_to: int = 0         # if > 0, resized (area averaging) to this height and width once, at load
 
-    With validation_digits = N, the last N training digits are held out: "train" is the rest,
-    "validation" those N (for choosing settings without looking at the test digits).
+
+TFDS_FEATURES = {  # capstf data set -> its TFDS features; DATASETS says the crop the model sees
+    "smallnorb": TfdsImages("smallnorb", ("image", "image2"), "label_category", resize_to=48),
+    "cifar10": TfdsImages("cifar10", ("image",), "label"),
+    "svhn": TfdsImages("svhn_cropped", ("image",), "label"),  # the 73,257 training images, not "extra"
+}
+MNIST_ON_TFDS = TfdsImages("mnist", ("image",), "label")
+
+
+def load_examples(data_dir: str, split: str, dataset: str = "mnist", validation_digits: int = 0) -> Examples:
+    """Loads one split of a data set's source images.
+
+    data_dir: for MNIST-based data sets "" or "tfds" for TFDS, "sample", or a folder of IDX
+      files; for TFDS image data sets "" (TFDS's default data dir) or a prepared TFDS data dir.
+    validation_digits: N > 0 holds out the last N training examples: "train" is the rest,
+      "validation" those N (for choosing settings without looking at the test examples).
 
     For dataset "affnist", a folder holding the real affNIST files (`test.mat` or
     `test_batches/*.mat`; `training.mat` or `training_batches/*.mat`) gives their 40x40
     digits as they are, instead of MNIST digits to be warped on the fly.
     """
     if split in ("train", "validation") and validation_digits:
-        digits = load_digits(data_dir, "train", dataset)
-        if not 0 < validation_digits < len(digits.labels):
+        examples = load_examples(data_dir, "train", dataset)
+        if not 0 < validation_digits < len(examples.labels):
             raise CapstfError(f"data.validation_digits={validation_digits}: the training split holds "
-                              f"{len(digits.labels)} digits; hold out fewer.")
+                              f"{len(examples.labels)} examples; hold out fewer.")
         keep = slice(None, -validation_digits) if split == "train" else slice(-validation_digits, None)
-        return Digits(digits.images[keep], digits.labels[keep])
+        return examples._replace(images=examples.images[keep], labels=examples.labels[keep])
     if split == "validation":
         raise CapstfError("This model holds out no validation digits (data.validation_digits = 0); "
                           "use --split train or test.")
     if split not in IDX_FILES:
         raise CapstfError(f"Unknown split {split!r}; use one of {sorted(IDX_FILES)}.")
+    if is_image_set(dataset):
+        if data_dir == "sample":
+            raise CapstfError(f"The bundled sample holds MNIST digits only, not {dataset}; use its TFDS "
+                              "copy (no --data-dir) or --data-dir with a prepared TFDS data dir.")
+        tfds_dir = "" if data_dir == "tfds" else data_dir
+        return load_tfds(tfds_images(dataset, tfds_dir), split, tfds_dir)
     if data_dir in ("", "tfds"):
-        return _load_tfds(split)
+        mnist = load_tfds(MNIST_ON_TFDS, split, "")
+        return mnist._replace(images=mnist.images[..., 0])
     folder = SAMPLE_DIR if data_dir == "sample" else Path(data_dir)
     if not folder.is_dir():
         raise CapstfError(f"Data dir {str(folder)!r} does not exist. {OFFLINE_HINT}")
@@ -68,7 +95,7 @@ def load_digits(data_dir: str, split: str, dataset: str = "mnist", validation_di
                           f"{split} split; the two files must belong together.")
     if labels.max(initial=0) > 9:
         raise CapstfError(f"{folder}/{labels_name}: labels must be digits 0..9, found {labels.max()}.")
-    return Digits(images, labels.astype(np.int32))
+    return Examples(images, labels.astype(np.int32))
 
 
 def affnist_files(folder: Path, split: str):
@@ -77,7 +104,7 @@ def affnist_files(folder: Path, split: str):
     return [whole] if whole.is_file() else sorted((folder / f"{name}_batches").glob("*.mat"))
 
 
-def load_affnist(paths) -> Digits:
+def load_affnist(paths) -> Examples:
     """Real affNIST .mat files: struct affNISTdata with image [1600, n] and label_int [n]."""
     from scipy.io import loadmat
     images, labels = [], []
@@ -92,7 +119,7 @@ def load_affnist(paths) -> Digits:
             raise CapstfError(f"{path}: {len(pixels)} images but {len(label)} labels.")
         images.append(pixels)
         labels.append(label)
-    return Digits(np.concatenate(images), np.concatenate(labels))
+    return Examples(np.concatenate(images), np.concatenate(labels))
 
 
 def _find(folder: Path, name: str) -> Path:
@@ -125,19 +152,88 @@ def read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
 
 
-def _load_tfds(split: str) -> Digits:
-    # Offline, tfds.load retries for minutes before failing: check reachability first.
-    try:
-        socket.create_connection(("storage.googleapis.com", 443), timeout=3).close()
-    except OSError:
-        tfds_dir = Path(os.environ.get("TFDS_DATA_DIR", Path.home() / "tensorflow_datasets"))
-        if not (tfds_dir / "mnist").is_dir():
-            raise RuntimeFailure("Cannot reach storage.googleapis.com to download MNIST through "
-                              f"TFDS, and {tfds_dir} has no prepared copy. {OFFLINE_HINT}") from None
+def _tfds():
     import tensorflow_datasets as tfds  # slow import: only when asked for
+    return tfds
+
+
+def _builder(name: str, data_dir: str):
     try:
-        images, labels = tfds.as_numpy(tfds.load("mnist", split=split, batch_size=-1,
-                                                 as_supervised=True))
-    except Exception as e:  # TFDS raises many types; all mean "no data"
-        raise RuntimeFailure(f"TFDS could not load MNIST ({type(e).__name__}: {e}). {OFFLINE_HINT}") from None
-    return Digits(images[..., 0].astype(np.uint8), labels.astype(np.int32))
+        return _tfds().builder(name, data_dir=data_dir or None)
+    except Exception as e:  # DatasetNotFoundError, a bad config name, ...: all mean "no such data set"
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CapstfError(f"TFDS has no data set {name!r} ({reason}).") from None
+
+
+def tfds_images(dataset: str, data_dir: str = "") -> TfdsImages:
+    """The TFDS features behind a capstf data set: a fixed choice for smallnorb, cifar10 and
+    svhn; for tfds:NAME[:CONFIG], its one image feature and its class label ("label" if
+    several)."""
+    if dataset in TFDS_FEATURES:
+        return TFDS_FEATURES[dataset]
+    name = dataset[len(TFDS_PREFIX):].replace(":", "/")  # TFDS spells a config NAME/CONFIG
+    tfds = _tfds()
+    features = _builder(name, data_dir).info.features
+    images = [key for key, f in features.items() if isinstance(f, tfds.features.Image)]
+    labels = [key for key, f in features.items() if isinstance(f, tfds.features.ClassLabel)]
+    label = "label" if "label" in labels else labels[0] if len(labels) == 1 else None
+    if len(images) != 1 or label is None:
+        raise CapstfError(f"{dataset}: capstf needs one image and one class label feature; TFDS gives "
+                          f"{name} the features {', '.join(sorted(features.keys()))}.")
+    shape = features[images[0]].shape
+    if None in shape:
+        raise CapstfError(f"{dataset}: its images have no fixed size ({shape}); capstf needs one.")
+    if shape[0] != shape[1]:
+        raise CapstfError(f"{dataset}: its images are {shape[0]}x{shape[1]}; capstf's model takes square ones.")
+    return TfdsImages(name, (images[0],), label)
+
+
+def load_tfds(source: TfdsImages, split: str, data_dir: str) -> Examples:
+    """One split of a TFDS data set as Examples(images [n, H, W, C], ...).
+
+    Offline, a data set TFDS has not prepared fails at once with a clear error: TFDS itself
+    would retry the download for minutes first.
+    """
+    tfds = _tfds()
+    import tensorflow as tf
+    builder = _builder(source.name, data_dir)
+    try:
+        data = builder.as_dataset(split=split)
+    except AssertionError:  # TFDS's word for "not prepared"
+        if not _reachable("storage.googleapis.com"):
+            raise RuntimeFailure(
+                f"TFDS has no prepared copy of {source.name} in {builder.data_dir_root}, and cannot reach "
+                f"storage.googleapis.com to download it. Prepare it where there is network (`tfds build "
+                f"{source.name}`) and pass that TFDS data dir as --data-dir."
+                + (f" {OFFLINE_HINT}" if source.name == "mnist" else "")) from None
+        try:
+            builder.download_and_prepare()
+            data = builder.as_dataset(split=split)
+        except Exception as e:  # TFDS raises many types; all mean "no data"
+            raise RuntimeFailure(f"TFDS could not prepare {source.name} ({type(e).__name__}: {e}).") from None
+    except ValueError as e:  # an unknown split
+        raise CapstfError(f"TFDS's {source.name} has no {split!r} split ({e}).") from None
+
+    def example(features):  # -> ([H, W, C] uint8, label): the image features stacked as channels
+        image = tf.concat([features[key] for key in source.image_features], axis=-1)
+        if source.resize_to:
+            image = tf.image.resize(image, [source.resize_to] * 2, method="area")
+            image = tf.cast(tf.round(image), tf.uint8)
+        return image, tf.cast(features[source.label_feature], tf.int32)
+
+    images, labels = [], []
+    for image, label in tfds.as_numpy(data.map(example, num_parallel_calls=tf.data.AUTOTUNE).batch(4096)):
+        images.append(image)
+        labels.append(label)
+    if not labels:
+        raise CapstfError(f"TFDS's {source.name} {split} split is empty.")
+    num_classes = builder.info.features[source.label_feature].num_classes
+    return Examples(np.concatenate(images), np.concatenate(labels), num_classes)
+
+
+def _reachable(host: str) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return True
+    except OSError:
+        return False

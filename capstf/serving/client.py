@@ -10,7 +10,11 @@ from capstf.errors import CapstfError, RuntimeFailure
 
 
 def read_images(paths) -> tuple:
-    """PNG, .npy or IDX files -> (float32 [n, H, W, 1] in [0, 1], the file of each image)."""
+    """PNG, .npy or IDX files -> (float32 [n, H, W, C] in [0, 1], the file of each image).
+
+    A PNG keeps its colour (grey: C = 1; colour: C = 3, alpha dropped); an array is [H, W],
+    [N, H, W] or [N, H, W, C], uint8 (0..255) or float (0..1); IDX files hold [N, H, W].
+    """
     from capstf.data.sources import IMAGES_MAGIC, read_idx
     arrays, names = [], []
     for path in map(Path, paths):
@@ -20,7 +24,9 @@ def read_images(paths) -> tuple:
         if suffix == ".png":
             from PIL import Image, UnidentifiedImageError
             try:
-                array = np.asarray(Image.open(path).convert("L"))[None]
+                with Image.open(path) as image:
+                    grey = image.mode in ("1", "L", "LA", "I", "I;16", "F")
+                    array = np.asarray(image.convert("L" if grey else "RGB"))[None]
             except (UnidentifiedImageError, OSError) as e:
                 raise CapstfError(f"{path}: not a readable PNG ({e}).") from None
         elif suffix == ".npy":
@@ -31,15 +37,16 @@ def read_images(paths) -> tuple:
         else:  # IDX, raw or gzipped
             array = read_idx(path, IMAGES_MAGIC)
         array = array[None] if array.ndim == 2 else array
-        array = array[..., 0] if array.ndim == 4 and array.shape[-1] == 1 else array
-        if array.ndim != 3:
-            raise CapstfError(f"{path}: expected images [H, W], [N, H, W] or [N, H, W, 1], got {list(array.shape)}.")
+        array = array[..., None] if array.ndim == 3 else array
+        if array.ndim != 4 or not 1 <= array.shape[-1] <= 4:
+            raise CapstfError(f"{path}: expected images [H, W], [N, H, W] or [N, H, W, C] (C at most 4), "
+                              f"got {list(array.shape)}.")
         arrays.append(array.astype(np.float32) / 255.0 if array.dtype == np.uint8 else array.astype(np.float32))
         names += [f"{path}[{i}]" for i in range(len(array))] if len(array) > 1 else [str(path)]
     shapes = {a.shape[1:] for a in arrays}
     if len(shapes) > 1:
-        raise CapstfError(f"The images have different sizes {sorted(shapes)}; send one size at a time.")
-    return np.concatenate(arrays)[..., None], names
+        raise CapstfError(f"The images have different shapes {sorted(shapes)}; send one shape at a time.")
+    return np.concatenate(arrays), names
 
 
 def predict_grpc(server, model_name, signature, images, timeout=10.0) -> dict:
