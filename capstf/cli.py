@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from capstf.config import CHOICES, DATASETS, TFDS_PREFIX, TRAINABLE, is_tfds_name
+from capstf.config import CHOICES, DATASETS, TFDS_PREFIX, TRAINABLE, check_dataset_name, is_tfds_name
 from capstf.errors import CapstfError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's own log lines once its logging is set up
@@ -67,10 +67,11 @@ class DatasetName(click.ParamType):
         return f"[{'|'.join(self.choices)}|{TFDS_PREFIX}NAME]"
 
     def convert(self, value, param, ctx):
-        if value in self.choices or is_tfds_name(value):
-            return value
-        self.fail(f"{value!r}: choose one of {', '.join(self.choices)}, or {TFDS_PREFIX}NAME[:CONFIG] "
-                  f"(e.g. {TFDS_PREFIX}fashion_mnist).", param, ctx)
+        try:
+            check_dataset_name(value, self.choices)
+        except CapstfError as e:
+            self.fail(str(e), param, ctx)
+        return value
 
 
 def data_dir_option(f):

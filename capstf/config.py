@@ -44,11 +44,17 @@ def recipe_for(dataset: str) -> str:
     return "tfds" if is_tfds_name(dataset) else {"affnist": "expanded-mnist"}.get(dataset, dataset)
 
 
-def check_dataset_name(dataset: str, allowed=tuple(DATASETS)) -> str:
+def check_dataset_name(dataset: str, allowed=tuple(DATASETS)):
+    """A data set name is one of `allowed` or tfds:NAME[:CONFIG]; anything else is refused."""
     if dataset not in allowed and not is_tfds_name(dataset):
         raise CapstfError(f"Unknown data set {dataset!r}; choose one of {', '.join(allowed)}, or "
                           f"{TFDS_PREFIX}NAME[:CONFIG] for a TensorFlow Datasets image classification set.")
-    return dataset
+
+
+def fit_model_to(model, canvas: Canvas):
+    """The model config takes the data set's input size, digits per image, channels and classes."""
+    model.input_size, model.digits_per_image = canvas.size, canvas.digits_per_image
+    model.channels, model.num_classes = canvas.channels, canvas.num_classes
 ROUTING_GRADIENTS = ("all", "final")  # see capstf.layers.route_by_agreement
 
 
@@ -269,9 +275,7 @@ def validate(cfg: Config):
         raise CapstfError("data.random_flip, data.max_brightness_delta and data.max_contrast_change are for "
                           f"the TFDS image data sets ({', '.join(TFDS_IMAGE_SETS)}, {TFDS_PREFIX}NAME).")
     if cfg.data.dataset in DATASETS:  # a tfds: data set's shape is filled in once it is loaded
-        canvas = DATASETS[cfg.data.dataset]
-        cfg.model.input_size, cfg.model.digits_per_image = canvas.size, canvas.digits_per_image
-        cfg.model.channels, cfg.model.num_classes = canvas.channels, canvas.num_classes
+        fit_model_to(cfg.model, DATASETS[cfg.data.dataset])
 
 
 def save(cfg: Config, model_dir: Path):

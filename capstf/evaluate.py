@@ -74,8 +74,9 @@ def measure(model_dirs, dataset=None, data_dir=None, split="test", limit=0,
     if partners_per_digit:
         cfg.data.partners_per_digit = partners_per_digit
     examples = load_examples(cfg.data.data_dir, split, dataset, cfg.data.validation_digits)
+    canvas = input_canvas(cfg.data, examples)
     for model_dir, model_cfg in zip(model_dirs, configs):
-        check_dataset_fits(model_cfg, dataset, model_dir, input_canvas(cfg.data, examples))
+        check_dataset_fits(model_cfg, dataset, model_dir, canvas)
     restored = [restore_for_inference(d, c, checkpoint) for d, c in zip(model_dirs, configs)]
     model = restored[0][0] if len(restored) == 1 else Ensemble([m for m, _ in restored])
     # Either split is scored as a test set: one deterministic pass, unshifted (central crops).

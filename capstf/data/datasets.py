@@ -21,7 +21,7 @@ from typing import Callable, Dict, NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from capstf.config import DATASETS, Canvas, is_tfds_name
+from capstf.config import DATASETS, Canvas, fit_model_to, is_tfds_name
 from capstf.data.sources import Examples
 from capstf.errors import CapstfError
 
@@ -278,8 +278,7 @@ def fit_model_to_data(cfg, examples: Examples):
     """A tfds:NAME data set's size, channels and classes are known once it is loaded: the model
     config (`cfg`, a whole Config) takes them from its training examples."""
     if is_tfds_name(cfg.data.dataset):
-        canvas = input_canvas(cfg.data, examples)
-        cfg.model.input_size, cfg.model.channels, cfg.model.num_classes = canvas.size, canvas.channels, canvas.num_classes
+        fit_model_to(cfg.model, input_canvas(cfg.data, examples))
 
 
 # ---------------------------------------------------------------------------- the pipeline
