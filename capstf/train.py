@@ -20,7 +20,7 @@ from tqdm import tqdm
 from capstf import config as config_lib
 from capstf.checkpoints import checkpoint_dir, list_checkpoints, prepare_model_dir, restore_newest_readable
 from capstf.data.datasets import fit_model_to_data, make_dataset
-from capstf.data.sources import load_examples
+from capstf.data.sources import load_examples, load_training_split
 from capstf.errors import CapstfError, Preempted, RuntimeFailure
 from capstf.evaluate import score
 from capstf.metrics import exact_match
@@ -158,12 +158,15 @@ def train(cfg, model_dir, quiet=None) -> dict:
     strategy = make_strategy(cfg.train.distribute)
     jit, precision, forward_conv_gradients = device_defaults(cfg.train)
     chief = is_chief(strategy)
-    train_examples = load_examples(cfg.data.data_dir, "train", cfg.data.dataset, cfg.data.validation_digits)
+    train_examples, validation_examples = load_training_split(
+        cfg.data.data_dir, cfg.data.dataset, cfg.data.validation_digits)
     fit_model_to_data(cfg, train_examples)
     # Scored after each epoch: the held-out training examples if there are any, else the test ones.
-    eval_split = "validation" if cfg.data.validation_digits else "test"
-    eval_data = load_examples(cfg.data.data_dir, eval_split, cfg.data.dataset, cfg.data.validation_digits) \
-        if cfg.train.eval_examples and chief else None
+    eval_split = "validation" if validation_examples is not None else "test"
+    eval_data = None
+    if cfg.train.eval_examples and chief:
+        eval_data = validation_examples if validation_examples is not None else \
+            load_examples(cfg.data.data_dir, "test", cfg.data.dataset)
     changed, lock = prepare_model_dir(cfg, model_dir, chief)
     log = (lambda msg: None) if not chief else (lambda msg: tqdm.write(msg, file=sys.stdout))
     device_kind = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"

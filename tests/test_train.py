@@ -320,20 +320,26 @@ def test_an_ensemble_scores_the_average_of_its_models_capsule_lengths(tmp_path, 
 
 def test_held_out_validation_digits_are_never_trained_on_and_score_per_epoch(tmp_path, capsys, monkeypatch,
                                                                             train_digits):
+    import capstf.data.sources as sources
     import capstf.train as train_module
     from capstf.data.sources import load_examples
     cfg = small_config(steps=4, eval_examples=300)
     cfg.data.validation_digits = 1000
-    trained_on = []
-    make_dataset = train_module.make_dataset
+    trained_on, files_read = [], []
+    make_dataset, read_idx = train_module.make_dataset, sources.read_idx
 
     def recording(data_cfg, digits, split, *args, **kwargs):
         if split == "train":
             trained_on.append(digits.labels)
         return make_dataset(data_cfg, digits, split, *args, **kwargs)
     monkeypatch.setattr(train_module, "make_dataset", recording)
+    monkeypatch.setattr(sources, "read_idx", lambda path, magic: files_read.append(path.name)
+                        or read_idx(path, magic))
     train(cfg, tmp_path, quiet=True)
     assert len(trained_on[0]) == 4000  # the first 4,000 of the 5,000 sample digits
+    # The training split is read once for both parts; the test digits are not needed.
+    assert sorted(name.split(".")[0] for name in files_read) == ["train-images-idx3-ubyte",
+                                                                  "train-labels-idx1-ubyte"]
     assert "validation accuracy" in capsys.readouterr().out
     metrics = evaluate(tmp_path, split="validation")
     model, _ = restore_for_inference(tmp_path, cfg)

@@ -9,7 +9,7 @@ import socket
 import struct
 import zlib
 from pathlib import Path
-from typing import NamedTuple, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
@@ -61,12 +61,8 @@ def load_examples(data_dir: str, split: str, dataset: str = "mnist", validation_
     digits as they are, instead of MNIST digits to be warped on the fly.
     """
     if split in ("train", "validation") and validation_digits:
-        examples = load_examples(data_dir, "train", dataset)
-        if not 0 < validation_digits < len(examples.labels):
-            raise CapstfError(f"data.validation_digits={validation_digits}: the training split holds "
-                              f"{len(examples.labels)} examples; hold out fewer.")
-        keep = slice(None, -validation_digits) if split == "train" else slice(-validation_digits, None)
-        return examples._replace(images=examples.images[keep], labels=examples.labels[keep])
+        training, validation = load_training_split(data_dir, dataset, validation_digits)
+        return training if split == "train" else validation
     if split == "validation":
         raise CapstfError("This model holds out no validation digits (data.validation_digits = 0); "
                           "use --split train or test.")
@@ -96,6 +92,22 @@ def load_examples(data_dir: str, split: str, dataset: str = "mnist", validation_
     if labels.max(initial=0) > 9:
         raise CapstfError(f"{folder}/{labels_name}: labels must be digits 0..9, found {labels.max()}.")
     return Examples(images, labels.astype(np.int32))
+
+
+def load_training_split(data_dir: str, dataset: str = "mnist", validation_digits: int = 0
+                        ) -> Tuple[Examples, Optional[Examples]]:
+    """(training examples, validation examples): the training split read once, its last
+    `validation_digits` examples held out for validation (None when that is 0)."""
+    examples = load_examples(data_dir, "train", dataset)
+    if not validation_digits:
+        return examples, None
+    if not 0 < validation_digits < len(examples.labels):
+        raise CapstfError(f"data.validation_digits={validation_digits}: the training split holds "
+                          f"{len(examples.labels)} examples; hold out fewer.")
+    held_out = slice(-validation_digits, None)
+    kept = slice(None, -validation_digits)
+    return (examples._replace(images=examples.images[kept], labels=examples.labels[kept]),
+            examples._replace(images=examples.images[held_out], labels=examples.labels[held_out]))
 
 
 def affnist_files(folder: Path, split: str):
