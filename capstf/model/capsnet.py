@@ -38,10 +38,12 @@ class CapsNet(keras.Model):
         self.digit = DigitCapsules(cfg.num_classes, cfg.digit_caps_dim, cfg.routing_iters, cfg.routing_gradients,
                                    cfg.routing_none_of_the_above, name="digit_caps")
         self.length = CapsuleLength(name="length")
-        self.mask = CapsuleMask(cfg.digits_per_image, name="mask")
         self.jit_routing = jit_routing
-        self.decoder = None
+        # Only a model with a decoder has a mask: a layer never called stays unbuilt, and Keras
+        # warns about unbuilt state.
+        self.mask, self.decoder = None, None
         if cfg.decoder:
+            self.mask = CapsuleMask(cfg.digits_per_image, name="mask")
             pixels = cfg.input_size * cfg.input_size * cfg.channels
             self.decoder = keras.Sequential([
                 keras.layers.Dense(512, activation="relu"),
