@@ -173,7 +173,7 @@ def run_study(name, runs_dir="runs", data_dir=None, runlocal=False, only: Sequen
             continue
         log(f"{run_name}: training {cfg.recipe} in {run_dir}")
         train(cfg, run_dir)
-        record = {"run": run_name, "recipe": cfg.recipe, "settings": run.settings}
+        record = {"run": run_name, "recipe": cfg.recipe, "settings": run.settings, "overrides": dict(overrides or {})}
         if study.match_checkpoints_on:
             record["checkpoint_scores"] = score_every_checkpoint(run, run_dir, test, log)
         else:
@@ -188,11 +188,13 @@ def run_study(name, runs_dir="runs", data_dir=None, runlocal=False, only: Sequen
 
 def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:
     """Every scored run's figures beside the paper's (runs not yet scored are listed as such)."""
-    records = {}
+    records, overrides = {}, {}
     for run_name in study.runs:
         path = out_dir / run_name / "study_run.json"
         if path.is_file():
-            records[run_name] = {int(k): v for k, v in json.loads(path.read_text())["checkpoint_scores"].items()}
+            record = json.loads(path.read_text())
+            records[run_name] = {int(k): v for k, v in record["checkpoint_scores"].items()}
+            overrides[run_name] = record.get("overrides", {})  # records before 2026-11-26 lack them
     if study.match_checkpoints_on and len(records) == len(study.runs):
         level, steps = matched_steps(records, study.match_checkpoints_on)
     else:
@@ -210,7 +212,7 @@ def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:
             measured = 100 * (1 - accuracy) if study.metric == "error" else 100 * accuracy
             cells.append({"run": run.name, "row": run.row, "test_set": test_set, "paper_percent": paper,
                           "measured_percent": round(measured, 3), "parameters": scores["parameters"],
-                          "step": steps[run.name],
+                          "step": steps[run.name], "overrides": overrides[run.name],
                           "examples_seen": examples, "train_seconds": round(seconds, 1)})
     return {"study": study.name, "title": study.title, "metric": study.metric, "test": dict(test),
             "matched_on": study.match_checkpoints_on or None,
@@ -233,6 +235,10 @@ def results_markdown(results: Mapping) -> str:
             lines.append(f"| {c['row']} | {c['test_set']} | {c['measured_percent']:.2f} | {c['paper_percent']} | "
                          f"{c['parameters']:,} | {c['step']} | {c['examples_seen']:,} | "
                          f"{_duration(c['train_seconds'])} | {c['run']} |")
+    trained_with = {c["run"]: c["overrides"] for c in results["cells"] if c.get("overrides")}
+    if trained_with:  # a figure from a shortened run must say so
+        lines += [""] + [f"Run {run} was trained with `{' '.join(f'--set {k}={v}' for k, v in settings.items())}`."
+                         for run, settings in trained_with.items()]
     return "\n".join(lines) + "\n"
 
 

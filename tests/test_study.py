@@ -51,6 +51,8 @@ def test_a_rerun_skips_scored_runs_and_resumes_unfinished_ones(tmp_path):
                         log=messages.append)
     cell = next(c for c in results["cells"] if c["run"] == "mnist-r1")
     assert cell["step"] == 4 and cell["examples_seen"] == 4 * 8
+    assert cell["overrides"] == {"train.steps": 4}  # what the scored run was trained with
+    assert "Run mnist-r1 was trained with `--set train.steps=4`." in (tmp_path / "table1" / "results.md").read_text()
     assert [step for step, _ in list_checkpoints(run_dir)] == [2, 4]  # went on from step 2
     record = (run_dir / "study_run.json").stat().st_mtime_ns
     messages.clear()
