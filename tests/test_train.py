@@ -132,6 +132,13 @@ def test_recipes_are_found_and_runlocal_shrinks_them():
     assert local.model.input_size == 36 and local.model.conv1_filters < full.model.conv1_filters
 
 
+@pytest.mark.parametrize("name", config_lib.recipe_names())
+def test_every_shipped_recipe_resolves_and_its_runlocal_is_a_short_run(name):
+    full, local = config_lib.resolve(name), config_lib.resolve(name, runlocal=True)  # raise on a typo
+    assert full.recipe == local.recipe == name and full.data.dataset == local.data.dataset
+    assert 0 < local.train.steps <= 1200 and (full.train.steps == 0 or local.train.steps < full.train.steps)
+
+
 def test_a_recipe_with_a_base_changes_only_what_it_lists():
     base, derived = config_lib.resolve("mnist-small"), config_lib.resolve("mnist-small-rotate-scale")
     assert base.data.train_max_rotation_deg == 0 < derived.data.train_max_rotation_deg
