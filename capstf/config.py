@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, NamedTuple, Optional
 
 from capstf.errors import CapstfError
+from capstf.files import write_json
 
 class Canvas(NamedTuple):
     size: int              # height and width of the images the model sees (after any crop)
@@ -279,7 +280,7 @@ def validate(cfg: Config):
 
 
 def save(cfg: Config, model_dir: Path):
-    (model_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    write_json(model_dir / "config.json", cfg.to_dict())
 
 
 def load_saved(model_dir: Path) -> Config:

@@ -1,5 +1,4 @@
 """The paper's metrics: accuracy, and for MultiMNIST the both-digits-correct accuracy."""
-import json
 from pathlib import Path
 
 import tensorflow as tf
@@ -9,6 +8,7 @@ from capstf.checkpoints import restore_for_inference
 from capstf.data.datasets import input_canvas, make_dataset, num_examples
 from capstf.data.sources import load_examples
 from capstf.errors import CapstfError
+from capstf.files import write_json
 from capstf.metrics import exact_match
 
 
@@ -97,7 +97,7 @@ def evaluate(model_dirs, dataset=None, data_dir=None, split="test", limit=0, par
     metrics = measure(model_dirs, dataset, data_dir, split, limit, partners_per_digit)
     if "ensemble" not in metrics:
         model_dir, = _as_list(model_dirs)
-        (model_dir / f"eval_{metrics['dataset']}_{split}.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        write_json(model_dir / f"eval_{metrics['dataset']}_{split}.json", metrics)
     return metrics
 
 

@@ -6,7 +6,6 @@ OUT/<name>.onnx            the same math through tf2onnx, checked in onnxruntime
 OUT/<name>.export_report.json   what was checked, and the largest differences found
 Everything is written under a temporary name and renamed only once verified.
 """
-import json
 import os
 import shutil
 import tempfile
@@ -20,6 +19,7 @@ from capstf.checkpoints import restore_for_inference
 from capstf.data.datasets import make_dataset
 from capstf.data.sources import load_examples
 from capstf.errors import CapstfError, RuntimeFailure
+from capstf.files import write_json
 
 ONNX_OPSET = 17
 TOLERANCE = 1e-4
@@ -106,7 +106,7 @@ def export(model_dir, export_dir, name="capsnet", version=None, formats=("savedm
         report["savedmodel"] = _export_savedmodel(module, base, target, images, reference, xla)
     if "onnx" in formats:
         report["onnx"] = _export_onnx(module, export_dir / f"{name}.onnx", images, reference)
-    (export_dir / f"{name}.export_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(export_dir / f"{name}.export_report.json", report)
     return report
 
 

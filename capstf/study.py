@@ -32,6 +32,7 @@ from capstf import config as config_lib
 from capstf.checkpoints import list_checkpoints, training_progress
 from capstf.errors import CapstfError
 from capstf.evaluate import measure
+from capstf.files import write_json
 from capstf.train import train
 
 METRICS = ("error", "accuracy")
@@ -142,7 +143,7 @@ def score_every_checkpoint(run: Run, run_dir: Path, test: Mapping, log) -> Dict[
         if step not in scores:
             scores[step] = {"checkpoint": path, **score_checkpoint(run, run_dir, test, path)}
             log(f"{run.name}: step {step}: " + ", ".join(f"{t} {scores[step][t]:.4f}" for t in run.paper))
-            cache.write_text(json.dumps(scores, indent=1) + "\n")
+            write_json(cache, scores, indent=1)
     return scores
 
 
@@ -179,9 +180,9 @@ def run_study(name, runs_dir="runs", data_dir=None, runlocal=False, only: Sequen
         else:
             step, path = list_checkpoints(run_dir)[-1]
             record["checkpoint_scores"] = {step: {"checkpoint": path, **score_checkpoint(run, run_dir, test, path)}}
-        record_path.write_text(json.dumps(record, indent=1) + "\n")
+        write_json(record_path, record, indent=1)
     results = collect_results(study, out_dir, test)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out_dir / "results.json", results)
     (out_dir / "results.md").write_text(results_markdown(results))
     return results
 

@@ -87,6 +87,23 @@ def test_a_second_trainer_on_a_model_dir_in_use_is_refused_but_a_killed_ones_loc
     assert train(small_config(steps=2), tmp_path, quiet=True)["step"] == 2  # the OS dropped the lock
 
 
+def test_a_worker_never_reads_a_half_written_config_while_the_chief_rewrites_it(tmp_path):
+    # At every (re)start the chief rewrites config.json while the other workers read it; a
+    # worker that saw it empty failed with a JSONDecodeError traceback (seen in a resumed run).
+    from capstf import config as config_lib
+    cfg = small_config(steps=1)
+    config_lib.save(cfg, tmp_path)
+    read = ("import json, sys\nbad = 0\nfor _ in range(3000):\n"
+            "    try: json.loads(open(sys.argv[1]).read())\n    except ValueError: bad += 1\nprint(bad)")
+    reader = subprocess.Popen([sys.executable, "-c", read, str(tmp_path / "config.json")], stdout=subprocess.PIPE, text=True)
+    rewrites = 0
+    while reader.poll() is None:
+        config_lib.save(cfg, tmp_path)
+        rewrites += 1
+    assert rewrites > 100 and reader.stdout.read().strip() == "0"
+    assert config_lib.load_saved(tmp_path) == cfg and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
 def test_a_full_disk_mid_run_is_a_clear_error_and_the_last_checkpoint_stays_good(tmp_path, monkeypatch):
     saves = []
     real_save = tf.train.CheckpointManager.save
