@@ -5,14 +5,13 @@ table (the paper's reported result, for reference) and a [runlocal] table of dot
 overrides that shrink the same experiment for a quick local run.
 """
 import dataclasses
-import json
 import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Mapping, NamedTuple, Optional
 
 from capstf.errors import CapstfError
-from capstf.files import write_json
+from capstf.files import read_json, write_json
 
 class Canvas(NamedTuple):
     size: int              # height and width of the images the model sees (after any crop)
@@ -287,7 +286,7 @@ def load_saved(model_dir: Path) -> Config:
     path = Path(model_dir) / "config.json"
     if not path.is_file():
         raise CapstfError(f"{model_dir} holds no trained model (no config.json); run `capstf train` first.")
-    return Config.from_dict(json.loads(path.read_text()))
+    return Config.from_dict(read_json(path))
 
 
 def changed_settings(saved: Config, new: Config) -> Dict[str, tuple]:

@@ -1,7 +1,9 @@
-"""JSON files that another process may read at any moment."""
+"""JSON records that another process may read at any moment, or a later run read back."""
 import json
 import os
 from pathlib import Path
+
+from capstf.errors import CapstfError
 
 
 def write_json(path, value, indent=2):
@@ -12,3 +14,17 @@ def write_json(path, value, indent=2):
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     scratch.write_text(json.dumps(value, indent=indent) + "\n")
     os.replace(scratch, path)  # atomic within one file system
+
+
+def read_json(path) -> dict:
+    """The object in the JSON file `path`; a damaged one (an older capstf's write cut short, an
+    edit) is a CapstfError that names it."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except ValueError as e:  # bad JSON, or bytes that are not UTF-8
+        value, reason = None, str(e)
+    else:
+        reason = "not a JSON object"
+    if not isinstance(value, dict):
+        raise CapstfError(f"{path} is damaged ({reason}): restore it, or delete it and rerun the command that wrote it.")
+    return value

@@ -22,7 +22,6 @@ set; the runs are then compared at the checkpoints whose accuracy on that test s
 the highest level all runs reach, so no run wins by being trained longer.
 """
 import dataclasses
-import json
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -32,7 +31,7 @@ from capstf import config as config_lib
 from capstf.checkpoints import list_checkpoints, training_progress
 from capstf.errors import CapstfError
 from capstf.evaluate import measure
-from capstf.files import write_json
+from capstf.files import read_json, write_json
 from capstf.train import train
 
 METRICS = ("error", "accuracy")
@@ -138,7 +137,7 @@ def score_every_checkpoint(run: Run, run_dir: Path, test: Mapping, log) -> Dict[
     """{step: {test set: accuracy}} for every checkpoint; scores are kept in the run dir, so a
     rerun scores only the checkpoints it has not scored yet."""
     cache = run_dir / "checkpoint_scores.json"
-    scores = {int(k): v for k, v in json.loads(cache.read_text()).items()} if cache.is_file() else {}
+    scores = {int(k): v for k, v in read_json(cache).items()} if cache.is_file() else {}
     for step, path in list_checkpoints(run_dir):
         if step not in scores:
             scores[step] = {"checkpoint": path, **score_checkpoint(run, run_dir, test, path)}
@@ -193,7 +192,7 @@ def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:
     for run_name in study.runs:
         path = out_dir / run_name / "study_run.json"
         if path.is_file():
-            record = json.loads(path.read_text())
+            record = read_json(path)
             records[run_name] = {int(k): v for k, v in record["checkpoint_scores"].items()}
             overrides[run_name] = record.get("overrides", {})  # records before 2026-11-26 lack them
     if study.match_checkpoints_on and len(records) == len(study.runs):

@@ -104,6 +104,17 @@ def test_a_worker_never_reads_a_half_written_config_while_the_chief_rewrites_it(
     assert config_lib.load_saved(tmp_path) == cfg and [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
+@pytest.mark.parametrize("content", ["", '{"data": {"dataset": "mni', '["mnist"]', "\xff\xfe"])
+def test_a_damaged_config_json_is_one_line_naming_it_not_a_traceback(tmp_path, content):
+    from click.testing import CliRunner
+    from capstf.cli import main
+    (tmp_path / "config.json").write_bytes(content.encode("latin-1"))
+    result = CliRunner().invoke(main, ["evaluate", "--model-dir", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"capstf: error: {tmp_path / 'config.json'} is damaged (")
+    assert len(result.output.strip().splitlines()) == 1
+
+
 def test_a_full_disk_mid_run_is_a_clear_error_and_the_last_checkpoint_stays_good(tmp_path, monkeypatch):
     saves = []
     real_save = tf.train.CheckpointManager.save

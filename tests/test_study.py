@@ -9,7 +9,7 @@ from capstf.checkpoints import list_checkpoints, restore_for_inference
 from capstf.cli import main
 from capstf.config import load_saved
 from capstf.errors import CapstfError
-from capstf.study import load_study, matched_steps, run_study
+from capstf.study import collect_results, load_study, matched_steps, run_study
 
 
 def error_percent_on_first_test_digits(run_dir, test_digits, count):
@@ -103,3 +103,13 @@ def test_bad_study_input_gives_one_line_errors(tmp_path):
         load_study(str(bad))
     result = CliRunner().invoke(main, ["study", "table1", "--only", "nope", "--runs-dir", str(tmp_path)])
     assert result.exit_code != 0 and "capstf: error: --only nope" in result.output
+
+
+@pytest.mark.parametrize("content", ["", '{"run": "mnist-r1", "checkpoint_sc', "[]"])
+def test_a_damaged_run_record_is_a_clear_error_naming_it(tmp_path, content):
+    study = load_study("table1")
+    record = tmp_path / "table1" / "mnist-r1" / "study_run.json"
+    record.parent.mkdir(parents=True)
+    record.write_text(content)
+    with pytest.raises(CapstfError, match=f"^{record} is damaged .*delete it and rerun"):
+        collect_results(study, tmp_path / "table1", study.test)
