@@ -4,10 +4,10 @@ from pathlib import Path
 import tensorflow as tf
 
 from capstf import config as config_lib
-from capstf.checkpoints import restore_for_inference
+from capstf.checkpoints import restore_for_inference, warn
 from capstf.data.datasets import input_canvas, make_dataset, num_examples
 from capstf.data.sources import load_examples
-from capstf.errors import CapstfError
+from capstf.errors import CapstfError, RuntimeFailure
 from capstf.files import write_json
 from capstf.metrics import exact_match
 
@@ -93,11 +93,15 @@ def measure(model_dirs, dataset=None, data_dir=None, split="test", limit=0,
 
 
 def evaluate(model_dirs, dataset=None, data_dir=None, split="test", limit=0, partners_per_digit=None) -> dict:
-    """`measure`s the newest checkpoint(s); one model dir also gets eval_<dataset>_<split>.json."""
+    """`measure`s the newest checkpoint(s); one model dir also gets eval_<dataset>_<split>.json,
+    unless it cannot be written (a read-only or full disk): the metrics are still returned."""
     metrics = measure(model_dirs, dataset, data_dir, split, limit, partners_per_digit)
     if "ensemble" not in metrics:
         model_dir, = _as_list(model_dirs)
-        write_json(model_dir / f"eval_{metrics['dataset']}_{split}.json", metrics)
+        try:
+            write_json(model_dir / f"eval_{metrics['dataset']}_{split}.json", metrics)
+        except RuntimeFailure as e:
+            warn(f"the metrics are not saved: {e}")
     return metrics
 
 

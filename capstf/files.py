@@ -3,17 +3,23 @@ import json
 import os
 from pathlib import Path
 
-from capstf.errors import CapstfError
+from capstf.errors import CapstfError, RuntimeFailure
 
 
 def write_json(path, value, indent=2):
     """Writes `value` to `path` so that a reader sees the old file or the new one, never a
     partial one: a worker reads config.json while the chief rewrites it at every start, and a
-    rerun reads what a killed run was writing."""
+    rerun reads what a killed run was writing. A write that fails (a full disk, a read-only
+    folder) is a RuntimeFailure that leaves the old file as it was and no scratch file behind."""
     path = Path(path)
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    scratch.write_text(json.dumps(value, indent=indent) + "\n")
-    os.replace(scratch, path)  # atomic within one file system
+    try:
+        scratch.write_text(json.dumps(value, indent=indent) + "\n")
+        os.replace(scratch, path)  # atomic within one file system
+    except OSError as e:
+        scratch.unlink(missing_ok=True)
+        raise RuntimeFailure(f"Cannot write {path} ({e.strerror or e}); what was there before is "
+                             "unchanged: free space or fix the folder, then rerun.") from None
 
 
 def read_json(path) -> dict:

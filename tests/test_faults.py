@@ -1,11 +1,13 @@
 """Training, evaluation and export under faults: damaged checkpoints, SIGTERM, a second
 trainer, a full disk, checkpoints that do not hold the model."""
+import errno
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from conftest import small_config
 
 from capstf.checkpoints import list_checkpoints, restore_for_inference
 from capstf.errors import CapstfError, RuntimeFailure
+from capstf.evaluate import evaluate
 from capstf.export import export
 from capstf.train import train
 
@@ -113,6 +116,32 @@ def test_a_damaged_config_json_is_one_line_naming_it_not_a_traceback(tmp_path, c
     assert result.exit_code == 2, result.output
     assert result.output.startswith(f"capstf: error: {tmp_path / 'config.json'} is damaged (")
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_json_record_cut_short_by_a_full_disk_leaves_the_old_record_and_no_scratch_file(tmp_path, monkeypatch):
+    from capstf.files import read_json, write_json
+    record = tmp_path / "record.json"
+    write_json(record, {"step": 1})
+    real_write_text = Path.write_text
+
+    def write_half_then_fail(self, text, *args, **kwargs):
+        real_write_text(self, text[:len(text) // 2], *args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", write_half_then_fail)
+    with pytest.raises(RuntimeFailure, match=r"Cannot write .*record\.json \(No space left on device\)"):
+        write_json(record, {"step": 2})
+    monkeypatch.undo()
+    assert read_json(record) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+def test_evaluating_a_model_dir_that_cannot_be_written_still_gives_the_metrics(trained_mnist, monkeypatch, capsys):
+    model_dir, _ = trained_mnist  # say, a downloaded model on a read-only mount
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")
+    monkeypatch.setattr(Path, "write_text", read_only)
+    assert evaluate(model_dir, limit=100)["examples"] == 100
+    assert "capstf: warning: the metrics are not saved: Cannot write" in capsys.readouterr().err
 
 
 def test_a_full_disk_mid_run_is_a_clear_error_and_the_last_checkpoint_stays_good(tmp_path, monkeypatch):
