@@ -162,8 +162,12 @@ def parse_settings(settings):
 @click.option("--only", default="", metavar="RUN,...", help="Train and score only these runs.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="A setting for every run, e.g. --set train.epochs=4.")
+@click.option("--trials", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train each run N times, trial K from its recipe's seed + K-1 in RUNS_DIR/NAME/<run>-trialK/ "
+                   "(trial 1 in <run>/), and report each figure's mean and standard deviation; the "
+                   "paper's Table 1 averages 3 trials.")
 @clear_errors
-def study(name, runs_dir, data_dir, runlocal, only, settings):
+def study(name, runs_dir, data_dir, runlocal, only, settings, trials):
     """Run one of the paper's experiments (pipelines/studies/NAME.toml: table1, affnist): train
     and score each of its runs, resuming unfinished ones, and write RUNS_DIR/NAME/results.md and
     results.json.
@@ -174,7 +178,7 @@ def study(name, runs_dir, data_dir, runlocal, only, settings):
     from capstf.study import results_markdown, run_study
     runs = tuple(r.strip() for r in only.split(",") if r.strip())
     results = run_study(name, runs_dir, data_dir, runlocal, runs, parse_settings(settings),
-                        log=lambda msg: click.echo(msg, err=True))
+                        log=lambda msg: click.echo(msg, err=True), trials=trials)
     click.echo(results_markdown(results))
 
 

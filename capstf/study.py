@@ -17,11 +17,16 @@ Run NAME trains in <runs dir>/<study>/NAME/ (a rerun resumes it; a scored run is
 scored on its test sets, and <runs dir>/<study>/results.md and results.json put every figure
 beside the paper's, with the examples seen and the training time behind it.
 
+The paper averages Table 1 over 3 trials; `trials=3` trains each run twice more, from seeds 1
+and 2 above its own, in NAME-trial2/ and NAME-trial3/, and reports each figure as the mean and
+standard deviation of every scored trial, with each trial's value.
+
 With match_checkpoints_on, every run keeps all its checkpoints and each is scored on every test
 set; the runs are then compared at the checkpoints whose accuracy on that test set is closest to
 the highest level all runs reach, so no run wins by being trained longer.
 """
 import dataclasses
+import statistics
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -141,7 +146,7 @@ def score_every_checkpoint(run: Run, run_dir: Path, test: Mapping, log) -> Dict[
     for step, path in list_checkpoints(run_dir):
         if step not in scores:
             scores[step] = {"checkpoint": path, **score_checkpoint(run, run_dir, test, path)}
-            log(f"{run.name}: step {step}: " + ", ".join(f"{t} {scores[step][t]:.4f}" for t in run.paper))
+            log(f"{run_dir.name}: step {step}: " + ", ".join(f"{t} {scores[step][t]:.4f}" for t in run.paper))
             write_json(cache, scores, indent=1)
     return scores
 
@@ -154,26 +159,46 @@ def matched_steps(scores_by_run: Mapping[str, Mapping[int, dict]], test_set: str
                    for run, scores in scores_by_run.items()}
 
 
+def trial_dir(out_dir: Path, run_name: str, trial: int) -> Path:
+    """Where trial `trial` (from 1) of a run trains: the first where a one-trial study does."""
+    return out_dir / (run_name if trial == 1 else f"{run_name}-trial{trial}")
+
+
+def scored_trials(out_dir: Path, run_name: str):
+    """The trials of a run that have a record, in order; every one is reported."""
+    extra = (p.name[len(run_name) + len("-trial"):] for p in out_dir.glob(f"{run_name}-trial*"))
+    trials = [1] + sorted(int(t) for t in extra if t.isdigit() and int(t) > 1)
+    return [t for t in trials if (trial_dir(out_dir, run_name, t) / "study_run.json").is_file()]
+
+
 def run_study(name, runs_dir="runs", data_dir=None, runlocal=False, only: Sequence[str] = (),
-              overrides: Optional[Mapping] = None, log=print) -> dict:
-    """Trains and scores the study's runs (or those in `only`); writes results.md and .json."""
+              overrides: Optional[Mapping] = None, log=print, trials: int = 1) -> dict:
+    """Trains and scores the study's runs (or those in `only`), each `trials` times from
+    successive seeds; writes results.md and .json."""
     study = load_study(name)
     unknown = [r for r in only if r not in study.runs]
     if unknown:
         raise CapstfError(f"--only {','.join(unknown)}: study {study.name} has the runs {', '.join(study.runs)}.")
+    if trials < 1:
+        raise CapstfError(f"--trials {trials}: a study trains each run at least once.")
     test = test_settings(study, runlocal)
     out_dir = Path(runs_dir) / study.name
-    configs = {run.name: run_config(study, run, data_dir, runlocal, overrides)  # every config checked first
-               for run in study.runs.values() if not only or run.name in only}
-    for run_name, cfg in configs.items():
-        run, run_dir = study.runs[run_name], out_dir / run_name
+    first = {run.name: run_config(study, run, data_dir, runlocal, overrides)  # every config checked first
+             for run in study.runs.values() if not only or run.name in only}
+    # Trial by trial, so that a study stopped early has whole trials to compare.
+    configs = {(run_name, trial): cfg if trial == 1 else run_config(
+        study, study.runs[run_name], data_dir, runlocal, {**(overrides or {}), "train.seed": cfg.train.seed + trial - 1})
+        for trial in range(1, trials + 1) for run_name, cfg in first.items()}
+    for (run_name, trial), cfg in configs.items():
+        run, run_dir = study.runs[run_name], trial_dir(out_dir, run_name, trial)
         record_path = run_dir / "study_run.json"
         if record_path.is_file():
-            log(f"{run_name}: trained and scored earlier ({record_path}); skipped.")
+            log(f"{run_dir.name}: trained and scored earlier ({record_path}); skipped.")
             continue
-        log(f"{run_name}: training {cfg.recipe} in {run_dir}")
+        log(f"{run_dir.name}: training {cfg.recipe} (seed {cfg.train.seed}) in {run_dir}")
         train(cfg, run_dir)
-        record = {"run": run_name, "recipe": cfg.recipe, "settings": run.settings, "overrides": dict(overrides or {})}
+        record = {"run": run_name, "trial": trial, "seed": cfg.train.seed, "recipe": cfg.recipe,
+                  "settings": run.settings, "overrides": dict(overrides or {})}
         if study.match_checkpoints_on:
             record["checkpoint_scores"] = score_every_checkpoint(run, run_dir, test, log)
         else:
@@ -187,54 +212,72 @@ def run_study(name, runs_dir="runs", data_dir=None, runlocal=False, only: Sequen
 
 
 def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:
-    """Every scored run's figures beside the paper's (runs not yet scored are listed as such)."""
-    records, overrides = {}, {}
+    """Every scored trial's figures beside the paper's (runs not yet scored are listed as such).
+    A matched study is matched within each trial: trial k of every run against trial k of the others."""
+    records = {}  # trial -> run -> {step: scores}
+    seeds, overrides = {}, {}
     for run_name in study.runs:
-        path = out_dir / run_name / "study_run.json"
-        if path.is_file():
-            record = read_json(path)
-            records[run_name] = {int(k): v for k, v in record["checkpoint_scores"].items()}
-            overrides[run_name] = record.get("overrides", {})  # records before 2026-11-26 lack them
-    if study.match_checkpoints_on and len(records) == len(study.runs):
-        level, steps = matched_steps(records, study.match_checkpoints_on)
-    else:
-        level, steps = None, {run: max(scores) for run, scores in records.items()}
+        for trial in scored_trials(out_dir, run_name):
+            record = read_json(trial_dir(out_dir, run_name, trial) / "study_run.json")
+            records.setdefault(trial, {})[run_name] = {int(k): v for k, v in record["checkpoint_scores"].items()}
+            seeds[run_name, trial] = record.get("seed")  # older records lack it (and, older still, "overrides")
+            overrides[run_name] = record.get("overrides", {})
+    levels, steps = {}, {}  # trial -> matched level; trial -> run -> the step reported
+    for trial, by_run in sorted(records.items()):
+        if study.match_checkpoints_on and len(by_run) == len(study.runs):
+            levels[trial], steps[trial] = matched_steps(by_run, study.match_checkpoints_on)
+        else:
+            levels[trial], steps[trial] = None, {run: max(scores) for run, scores in by_run.items()}
     cells = []
     for run in study.runs.values():
-        if run.name not in records:
-            cells += [{"run": run.name, "row": run.row, "test_set": t, "paper_percent": p, "measured_percent": None}
-                      for t, p in run.paper.items()]
-            continue
-        scores = records[run.name][steps[run.name]]
-        examples, seconds = training_progress(scores["checkpoint"])
         for test_set, paper in run.paper.items():
-            accuracy = scores[test_set]
-            measured = 100 * (1 - accuracy) if study.metric == "error" else 100 * accuracy
-            cells.append({"run": run.name, "row": run.row, "test_set": test_set, "paper_percent": paper,
-                          "measured_percent": round(measured, 3), "parameters": scores["parameters"],
-                          "step": steps[run.name], "overrides": overrides[run.name],
-                          "examples_seen": examples, "train_seconds": round(seconds, 1)})
+            cell = {"run": run.name, "row": run.row, "test_set": test_set, "paper_percent": paper,
+                    "measured_percent": None, "std_percent": None, "trials": []}
+            for trial in sorted(t for t in records if run.name in records[t]):
+                scores = records[trial][run.name][steps[trial][run.name]]
+                examples, seconds = training_progress(scores["checkpoint"])
+                accuracy = scores[test_set]
+                measured = 100 * (1 - accuracy) if study.metric == "error" else 100 * accuracy
+                cell["parameters"], cell["overrides"] = scores["parameters"], overrides[run.name]
+                cell["trials"].append({"trial": trial, "seed": seeds[run.name, trial], "measured_percent": round(measured, 3),
+                                       "step": steps[trial][run.name], "examples_seen": examples,
+                                       "train_seconds": round(seconds, 1)})
+            values = [t["measured_percent"] for t in cell["trials"]]
+            if values:
+                cell["measured_percent"] = round(statistics.mean(values), 3)
+                cell["std_percent"] = round(statistics.stdev(values), 3) if len(values) > 1 else None
+            cells.append(cell)
     return {"study": study.name, "title": study.title, "metric": study.metric, "test": dict(test),
             "matched_on": study.match_checkpoints_on or None,
-            "matched_level_percent": None if level is None else round(100 * level, 3), "cells": cells}
+            "matched_levels": [{"trial": trial, "percent": None if level is None else round(100 * level, 3)}
+                               for trial, level in levels.items()] if study.match_checkpoints_on else None,
+            "cells": cells}
 
 
 def results_markdown(results: Mapping) -> str:
     lines = [f"# {results['title']}", ""]
     if results["matched_on"]:
-        level = results["matched_level_percent"]
-        lines += [f"Runs compared at their checkpoints closest to {level}% on {results['matched_on']}, the highest "
-                  f"accuracy every run reached." if level is not None else
-                  "Not every run is scored yet: no matched comparison.", ""]
+        for level in results["matched_levels"] or [{"trial": 1, "percent": None}]:
+            where = f"Trial {level['trial']}: runs" if len(results["matched_levels"]) > 1 else "Runs"
+            lines.append(f"{where} compared at their checkpoints closest to {level['percent']}% on "
+                         f"{results['matched_on']}, the highest accuracy every run reached."
+                         if level["percent"] is not None else f"{where} not all scored yet: no matched comparison.")
+        lines.append("")
     lines += [f"| row | test set | measured {results['metric']} (%) | paper (%) | parameters | step | examples seen "
               "| training time | run |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in results["cells"]:
         if c["measured_percent"] is None:
             lines.append(f"| {c['row']} | {c['test_set']} | not run yet | {c['paper_percent']} | | | | | {c['run']} |")
-        else:
-            lines.append(f"| {c['row']} | {c['test_set']} | {c['measured_percent']:.2f} | {c['paper_percent']} | "
-                         f"{c['parameters']:,} | {c['step']} | {c['examples_seen']:,} | "
-                         f"{_duration(c['train_seconds'])} | {c['run']} |")
+            continue
+        trials = c["trials"]
+        measured = f"{c['measured_percent']:.2f}" if len(trials) == 1 else (
+            f"{c['measured_percent']:.2f} +- {c['std_percent']:.2f} ({len(trials)} trials: "
+            + ", ".join(f"{t['measured_percent']:.2f}" for t in trials) + ")")
+        def each_trial(key, fmt):
+            return " / ".join(fmt(t[key]) for t in trials)
+        lines.append(f"| {c['row']} | {c['test_set']} | {measured} | {c['paper_percent']} | {c['parameters']:,} | "
+                     f"{each_trial('step', str)} | {each_trial('examples_seen', '{:,}'.format)} | "
+                     f"{each_trial('train_seconds', _duration)} | {c['run']} |")
     trained_with = {c["run"]: c["overrides"] for c in results["cells"] if c.get("overrides")}
     if trained_with:  # a figure from a shortened run must say so
         lines += [""] + [f"Run {run} was trained with `{' '.join(f'--set {k}={v}' for k, v in settings.items())}`."

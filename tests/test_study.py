@@ -26,7 +26,8 @@ def test_table1_trains_scores_and_reports_each_run_beside_the_paper(tmp_path, te
     cells = {(c["run"], c["test_set"]): c for c in results["cells"]}
     assert len(cells) == 8  # every row of the paper's table, run or not
     mnist = cells["mnist-r1-no-reconstruction", "mnist"]
-    assert mnist["paper_percent"] == 0.34 and mnist["step"] == 4 and mnist["examples_seen"] == 4 * 8
+    assert mnist["paper_percent"] == 0.34 and len(mnist["trials"]) == 1 and mnist["std_percent"] is None
+    assert mnist["trials"][0]["step"] == 4 and mnist["trials"][0]["examples_seen"] == 4 * 8
     assert mnist["measured_percent"] == pytest.approx(
         error_percent_on_first_test_digits(tmp_path / "table1" / mnist["run"], test_digits, 64), abs=1e-6)
     assert mnist["parameters"] < 1e6  # runlocal's small model, not the paper's 8.2M
@@ -50,7 +51,7 @@ def test_a_rerun_skips_scored_runs_and_resumes_unfinished_ones(tmp_path):
     results = run_study("table1", tmp_path, "sample", runlocal=True, only=only, overrides={"train.steps": 4},
                         log=messages.append)
     cell = next(c for c in results["cells"] if c["run"] == "mnist-r1")
-    assert cell["step"] == 4 and cell["examples_seen"] == 4 * 8
+    assert cell["trials"][0]["step"] == 4 and cell["trials"][0]["examples_seen"] == 4 * 8
     assert cell["overrides"] == {"train.steps": 4}  # what the scored run was trained with
     assert "Run mnist-r1 was trained with `--set train.steps=4`." in (tmp_path / "table1" / "results.md").read_text()
     assert [step for step, _ in list_checkpoints(run_dir)] == [2, 4]  # went on from step 2
@@ -61,18 +62,41 @@ def test_a_rerun_skips_scored_runs_and_resumes_unfinished_ones(tmp_path):
     assert (run_dir / "study_run.json").stat().st_mtime_ns == record
 
 
-def test_affnist_compares_the_models_at_matched_expanded_accuracy(tmp_path):
-    results = run_study("affnist", tmp_path, "sample", runlocal=True, log=lambda msg: None)
-    scores = {run: {int(step): s for step, s in json.loads(
-        (tmp_path / "affnist" / run / "checkpoint_scores.json").read_text()).items()} for run in ("capsnet", "cnn")}
-    assert sorted(scores["capsnet"]) == [2, 4]  # every checkpoint scored, none deleted
-    level = min(max(s["expanded-mnist"] for s in run.values()) for run in scores.values())
-    assert results["matched_level_percent"] == pytest.approx(100 * level, abs=1e-3)
-    for cell in results["cells"]:
-        run = scores[cell["run"]]
-        closest = min(abs(s["expanded-mnist"] - level) for s in run.values())
-        assert abs(run[cell["step"]]["expanded-mnist"] - level) == closest
-        assert cell["measured_percent"] == pytest.approx(100 * run[cell["step"]][cell["test_set"]], abs=1e-3)
+def test_trials_train_each_run_from_successive_seeds_and_report_mean_and_spread(tmp_path, test_digits):
+    run = "mnist-r1-no-reconstruction"
+    results = run_study("table1", tmp_path, "sample", runlocal=True, only=(run,), trials=3, log=lambda msg: None)
+    dirs = [tmp_path / "table1" / name for name in (run, f"{run}-trial2", f"{run}-trial3")]
+    assert [load_saved(d).train.seed for d in dirs] == [0, 1, 2]
+    first_kernels = [restore_for_inference(d, load_saved(d))[0].trainable_weights[0].numpy() for d in dirs]
+    assert not np.allclose(first_kernels[0], first_kernels[1])  # the seeds reached the initial weights
+    errors = [error_percent_on_first_test_digits(d, test_digits, 64) for d in dirs]
+    cell = next(c for c in results["cells"] if c["run"] == run)
+    assert [t["measured_percent"] for t in cell["trials"]] == pytest.approx(errors, abs=1e-3)
+    assert [t["seed"] for t in cell["trials"]] == [0, 1, 2]
+    assert cell["measured_percent"] == pytest.approx(np.mean(errors), abs=1e-3)
+    assert cell["std_percent"] == pytest.approx(np.std(errors, ddof=1), abs=1e-3)
+    assert f"{np.mean(errors):.2f} +- {np.std(errors, ddof=1):.2f} (3 trials: " in (
+        tmp_path / "table1" / "results.md").read_text()
+    messages = []  # a rerun asking for fewer trials trains nothing and still reports all three
+    again = run_study("table1", tmp_path, "sample", runlocal=True, only=(run,), log=messages.append)
+    assert any("skipped" in m for m in messages) and not any(": training " in m for m in messages)
+    assert next(c for c in again["cells"] if c["run"] == run)["trials"] == cell["trials"]
+
+
+def test_affnist_compares_the_models_at_matched_expanded_accuracy_within_each_trial(tmp_path):
+    results = run_study("affnist", tmp_path, "sample", runlocal=True, trials=2, log=lambda msg: None)
+    for trial, suffix in ((1, ""), (2, "-trial2")):
+        scores = {run: {int(step): s for step, s in json.loads(
+            (tmp_path / "affnist" / f"{run}{suffix}" / "checkpoint_scores.json").read_text()).items()}
+            for run in ("capsnet", "cnn")}
+        assert sorted(scores["capsnet"]) == [2, 4]  # every checkpoint scored, none deleted
+        level = min(max(s["expanded-mnist"] for s in run.values()) for run in scores.values())
+        assert results["matched_levels"][trial - 1] == {"trial": trial, "percent": pytest.approx(100 * level, abs=1e-3)}
+        for cell in results["cells"]:
+            run, reported = scores[cell["run"]], cell["trials"][trial - 1]
+            closest = min(abs(s["expanded-mnist"] - level) for s in run.values())
+            assert abs(run[reported["step"]]["expanded-mnist"] - level) == closest
+            assert reported["measured_percent"] == pytest.approx(100 * run[reported["step"]][cell["test_set"]], abs=1e-3)
 
 
 def test_matched_steps_pick_the_checkpoints_closest_to_the_level_both_reach():
@@ -97,6 +121,8 @@ def test_bad_study_input_gives_one_line_errors(tmp_path):
         load_study("table2")
     with pytest.raises(CapstfError, match="--only mnist-r9: study table1 has the runs"):
         run_study("table1", tmp_path, "sample", only=("mnist-r9",))
+    with pytest.raises(CapstfError, match="--trials 0: a study trains each run at least once"):
+        run_study("table1", tmp_path, "sample", trials=0)
     bad = tmp_path / "bad.toml"
     bad.write_text('title = "x"\n[runs.a]\nrecipe = "mnist"\npaper = { mnist = 1.0 }\nepochs = 3\n')
     with pytest.raises(CapstfError, match=r"\[runs.a\]: unknown key\(s\) epochs"):
