@@ -273,8 +273,9 @@ def results_markdown(results: Mapping) -> str:
         measured = f"{c['measured_percent']:.2f}" if len(trials) == 1 else (
             f"{c['measured_percent']:.2f} +- {c['std_percent']:.2f} ({len(trials)} trials: "
             + ", ".join(f"{t['measured_percent']:.2f}" for t in trials) + ")")
-        def each_trial(key, fmt):
-            return " / ".join(fmt(t[key]) for t in trials)
+        def each_trial(key, fmt):  # one value where the trials agree (steps, examples)
+            values = [fmt(t[key]) for t in trials]
+            return values[0] if len(set(values)) == 1 else " / ".join(values)
         lines.append(f"| {c['row']} | {c['test_set']} | {measured} | {c['paper_percent']} | {c['parameters']:,} | "
                      f"{each_trial('step', str)} | {each_trial('examples_seen', '{:,}'.format)} | "
                      f"{each_trial('train_seconds', _duration)} | {c['run']} |")
