@@ -163,9 +163,9 @@ def parse_settings(settings):
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE",
               help="A setting for every run, e.g. --set train.epochs=4.")
 @click.option("--trials", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Train each run N times, trial K from its recipe's seed + K-1 in RUNS_DIR/NAME/<run>-trialK/ "
-                   "(trial 1 in <run>/), and report each figure's mean and standard deviation; the "
-                   "paper's Table 1 averages 3 trials.")
+              help="Train each run N times, trial K with seed S+K-1 (S: its train.seed, 0 unless set) in "
+                   "RUNS_DIR/NAME/<run>-trialK/ (trial 1 in <run>/), and report each figure's mean and "
+                   "standard deviation; the paper's Table 1 averages 3 trials.")
 @clear_errors
 def study(name, runs_dir, data_dir, runlocal, only, settings, trials):
     """Run one of the paper's experiments (pipelines/studies/NAME.toml: table1, affnist): train
