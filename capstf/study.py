@@ -230,12 +230,14 @@ def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:
             levels[trial], steps[trial] = None, {run: max(scores) for run, scores in by_run.items()}
     cells = []
     for run in study.runs.values():
+        reported = []  # (trial, scores at its reported step, examples seen, training seconds)
+        for trial in sorted(t for t in records if run.name in records[t]):
+            scores = records[trial][run.name][steps[trial][run.name]]
+            reported.append((trial, scores, *training_progress(scores["checkpoint"])))  # reads the checkpoint
         for test_set, paper in run.paper.items():
             cell = {"run": run.name, "row": run.row, "test_set": test_set, "paper_percent": paper,
                     "measured_percent": None, "std_percent": None, "trials": []}
-            for trial in sorted(t for t in records if run.name in records[t]):
-                scores = records[trial][run.name][steps[trial][run.name]]
-                examples, seconds = training_progress(scores["checkpoint"])
+            for trial, scores, examples, seconds in reported:
                 accuracy = scores[test_set]
                 measured = 100 * (1 - accuracy) if study.metric == "error" else 100 * accuracy
                 cell["parameters"], cell["overrides"] = scores["parameters"], overrides[run.name]
@@ -273,17 +275,20 @@ def results_markdown(results: Mapping) -> str:
         measured = f"{c['measured_percent']:.2f}" if len(trials) == 1 else (
             f"{c['measured_percent']:.2f} +- {c['std_percent']:.2f} ({len(trials)} trials: "
             + ", ".join(f"{t['measured_percent']:.2f}" for t in trials) + ")")
-        def each_trial(key, fmt):  # one value where the trials agree (steps, examples)
-            values = [fmt(t[key]) for t in trials]
-            return values[0] if len(set(values)) == 1 else " / ".join(values)
         lines.append(f"| {c['row']} | {c['test_set']} | {measured} | {c['paper_percent']} | {c['parameters']:,} | "
-                     f"{each_trial('step', str)} | {each_trial('examples_seen', '{:,}'.format)} | "
-                     f"{each_trial('train_seconds', _duration)} | {c['run']} |")
+                     f"{_each_trial(trials, 'step', str)} | {_each_trial(trials, 'examples_seen', '{:,}'.format)} | "
+                     f"{_each_trial(trials, 'train_seconds', _duration)} | {c['run']} |")
     trained_with = {c["run"]: c["overrides"] for c in results["cells"] if c.get("overrides")}
     if trained_with:  # a figure from a shortened run must say so
         lines += [""] + [f"Run {run} was trained with `{' '.join(f'--set {k}={v}' for k, v in settings.items())}`."
                          for run, settings in trained_with.items()]
     return "\n".join(lines) + "\n"
+
+
+def _each_trial(trials, key, fmt) -> str:
+    """Each trial's `key`, formatted, separated by " / "; one value where they agree (steps, examples)."""
+    values = [fmt(t[key]) for t in trials]
+    return values[0] if len(set(values)) == 1 else " / ".join(values)
 
 
 def _duration(seconds: float) -> str:
