@@ -168,9 +168,9 @@ def parse_settings(settings):
                    "standard deviation; the paper's Table 1 averages 3 trials.")
 @clear_errors
 def study(name, runs_dir, data_dir, runlocal, only, settings, trials):
-    """Run one of the paper's experiments (pipelines/studies/NAME.toml: table1, affnist): train
-    and score each of its runs, resuming unfinished ones, and write RUNS_DIR/NAME/results.md and
-    results.json.
+    """Run one of the paper's experiments (pipelines/studies/NAME.toml: table1, affnist), or
+    mnist-settings (settings compared on held-out training digits): train and score each of its
+    runs, resuming unfinished ones, and write RUNS_DIR/NAME/results.md and results.json.
 
     \b
     Example: capstf study table1 --data-dir DIR --only mnist-r3,mnist-baseline

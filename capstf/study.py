@@ -1,17 +1,23 @@
 """`capstf study NAME`: one of the paper's experiments, every training run of it, as one command.
 
-A study is a TOML file in pipelines/studies/ (table1.toml, affnist.toml):
+A study is a TOML file in pipelines/studies/ (table1.toml, affnist.toml, mnist-settings.toml):
 
     title = "..."                      # the caption of results.md
     metric = "error"                   # what each cell reports, in percent: error | accuracy
     match_checkpoints_on = "..."       # optional: compare runs at matched accuracy on this test set
-    [test]                             # how runs are scored: partners_per_digit, limit
+    set = { ... }                      # optional: settings every run shares
+    [test]                             # how runs are scored: split (test | validation),
+                                       #   partners_per_digit, limit
     [runlocal]                         # settings that shrink every run (--runlocal); "test.*" too
     [runs.NAME]                        # one training run each:
     recipe = "mnist"                   #   a recipe in pipelines/
     set = { "model.routing_iters" = 1 }  #   and the settings that make this run
     row = "CapsNet, routing 1"         #   its row in the paper's table
     paper = { mnist = 0.34 }           #   test set -> the paper's figure; each is scored
+    scored_on = ["mnist"]              #   or the test sets, where the paper gives no figure
+
+With split = "validation" every run is scored on the training digits it holds out
+(data.validation_digits), not on the test digits: a study for choosing settings.
 
 Run NAME trains in <runs dir>/<study>/NAME/ (a rerun resumes it; a scored run is skipped), is
 scored on its test sets, and <runs dir>/<study>/results.md and results.json put every figure
@@ -30,7 +36,7 @@ import statistics
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from capstf import config as config_lib
 from capstf.checkpoints import list_checkpoints, training_progress
@@ -40,7 +46,8 @@ from capstf.files import read_json, write_json
 from capstf.train import train
 
 METRICS = ("error", "accuracy")
-TEST_SETTINGS = {"partners_per_digit": 0, "limit": 0}  # 0: the data set's own
+TEST_SETTINGS = {"split": "test", "partners_per_digit": 0, "limit": 0}  # 0: the data set's own
+SPLITS = ("test", "validation")
 KEEP_EVERY_CHECKPOINT = 1_000_000
 
 
@@ -50,7 +57,8 @@ class Run:
     recipe: str
     settings: Dict[str, object]
     row: str
-    paper: Dict[str, float]  # test set -> the paper's figure, in percent
+    test_sets: List[str]     # what it is scored on
+    paper: Dict[str, float]  # test set -> the paper's figure, in percent, where the paper gives one
 
 
 @dataclasses.dataclass
@@ -59,7 +67,8 @@ class Study:
     title: str
     metric: str
     runs: Dict[str, Run]
-    test: Dict[str, int]
+    settings: Dict[str, object]  # every run's, under its own
+    test: Dict[str, object]
     runlocal: Dict[str, object]
     match_checkpoints_on: str = ""
 
@@ -81,25 +90,42 @@ def load_study(name: str) -> Study:
     except tomllib.TOMLDecodeError as e:
         raise CapstfError(f"Study {name}: {e}") from None
     where = f"Study {name}"
-    _check_keys(raw, {"title", "metric", "match_checkpoints_on", "test", "runlocal", "runs"}, where)
+    _check_keys(raw, {"title", "metric", "match_checkpoints_on", "set", "test", "runlocal", "runs"}, where)
     if raw.get("metric", "error") not in METRICS:
         raise CapstfError(f"{where}: metric must be one of {', '.join(METRICS)}.")
     test = {**TEST_SETTINGS, **raw.get("test", {})}
     _check_keys(test, set(TEST_SETTINGS), f"{where} [test]")
+    if test["split"] not in SPLITS:
+        raise CapstfError(f"{where} [test]: split must be one of {', '.join(SPLITS)}.")
     runs = {}
     for run_name, spec in raw.get("runs", {}).items():
-        _check_keys(spec, {"recipe", "set", "row", "paper"}, f"{where} [runs.{run_name}]")
-        if not isinstance(spec.get("recipe"), str) or not spec.get("paper"):
-            raise CapstfError(f"{where} [runs.{run_name}]: needs a recipe and the paper's figures (paper = {{...}}).")
+        run_where = f"{where} [runs.{run_name}]"
+        _check_keys(spec, {"recipe", "set", "row", "paper", "scored_on"}, run_where)
+        paper, scored_on = spec.get("paper", {}), spec.get("scored_on")
+        names_listed = isinstance(scored_on, list) and all(isinstance(t, str) for t in scored_on)
+        if not isinstance(paper, dict) or not (scored_on is None or names_listed):
+            raise CapstfError(f'{run_where}: paper is a table (paper = {{ mnist = 0.25 }}) and scored_on a list '
+                              f'of test sets (scored_on = ["mnist"]).')
+        test_sets = list(paper) if scored_on is None else scored_on
+        if not isinstance(spec.get("recipe"), str) or not test_sets:
+            raise CapstfError(f"{run_where}: needs a recipe and what it is scored on: the paper's figures "
+                              f"(paper = {{...}}) or, where the paper gives none, scored_on = [...].")
+        if set(paper) - set(test_sets):
+            raise CapstfError(f"{run_where}: the paper's figures are for test sets it is not scored_on.")
+        try:  # a misspelt test set would only be found after training
+            for test_set in test_sets:
+                config_lib.check_dataset_name(test_set)
+        except CapstfError as e:
+            raise CapstfError(f"{run_where}: {e}") from None
         runs[run_name] = Run(run_name, spec["recipe"], dict(spec.get("set", {})), spec.get("row", run_name),
-                             dict(spec["paper"]))
+                             test_sets, paper)
     if not runs:
         raise CapstfError(f"{where} lists no [runs.NAME].")
     match_on = raw.get("match_checkpoints_on", "")
-    if match_on and any(match_on not in run.paper for run in runs.values()):
+    if match_on and any(match_on not in run.test_sets for run in runs.values()):
         raise CapstfError(f"{where}: every run must be scored on {match_on}, the test set it is matched on.")
     return Study(path.stem if source is path else name, raw.get("title", name), raw.get("metric", "error"),
-                 runs, test, dict(raw.get("runlocal", {})), match_on)
+                 runs, dict(raw.get("set", {})), test, dict(raw.get("runlocal", {})), match_on)
 
 
 def _check_keys(table, allowed, where):
@@ -109,8 +135,8 @@ def _check_keys(table, allowed, where):
 
 
 def run_config(study: Study, run: Run, data_dir=None, runlocal=False, overrides: Optional[Mapping] = None):
-    """The resolved Config of one run: its recipe, its settings, --runlocal, then the flags."""
-    settings = dict(run.settings)
+    """The resolved Config of one run: its recipe, the study's settings, its own, --runlocal, then the flags."""
+    settings = {**study.settings, **run.settings}
     if runlocal:
         settings.update({k: v for k, v in study.runlocal.items() if not k.startswith("test.")})
     if study.match_checkpoints_on:
@@ -121,7 +147,7 @@ def run_config(study: Study, run: Run, data_dir=None, runlocal=False, overrides:
     return config_lib.resolve(run.recipe, settings, runlocal=runlocal)
 
 
-def test_settings(study: Study, runlocal: bool) -> Dict[str, int]:
+def test_settings(study: Study, runlocal: bool) -> Dict[str, object]:
     local = {k[len("test."):]: v for k, v in study.runlocal.items() if k.startswith("test.")} if runlocal else {}
     settings = {**study.test, **local}
     _check_keys(settings, set(TEST_SETTINGS), f"Study {study.name} [runlocal]")
@@ -131,8 +157,8 @@ def test_settings(study: Study, runlocal: bool) -> Dict[str, int]:
 def score_checkpoint(run: Run, run_dir: Path, test: Mapping, checkpoint=None) -> Dict[str, float]:
     """{test set: accuracy, "parameters": the model's} of one checkpoint (default: the newest)."""
     scores = {}
-    for test_set in run.paper:
-        metrics = measure(run_dir, test_set, split="test", limit=test["limit"],
+    for test_set in run.test_sets:
+        metrics = measure(run_dir, test_set, split=test["split"], limit=test["limit"],
                           partners_per_digit=test["partners_per_digit"] or None, checkpoint=checkpoint)
         scores[test_set], scores["parameters"] = metrics["accuracy"], metrics["parameters"]
     return scores
@@ -146,7 +172,7 @@ def score_every_checkpoint(run: Run, run_dir: Path, test: Mapping, log) -> Dict[
     for step, path in list_checkpoints(run_dir):
         if step not in scores:
             scores[step] = {"checkpoint": path, **score_checkpoint(run, run_dir, test, path)}
-            log(f"{run_dir.name}: step {step}: " + ", ".join(f"{t} {scores[step][t]:.4f}" for t in run.paper))
+            log(f"{run_dir.name}: step {step}: " + ", ".join(f"{t} {scores[step][t]:.4f}" for t in run.test_sets))
             write_json(cache, scores, indent=1)
     return scores
 
@@ -185,6 +211,10 @@ def run_study(name, runs_dir="runs", data_dir=None, runlocal=False, only: Sequen
     out_dir = Path(runs_dir) / study.name
     first = {run.name: run_config(study, run, data_dir, runlocal, overrides)  # every config checked first
              for run in study.runs.values() if not only or run.name in only}
+    holding_none = [run_name for run_name, cfg in first.items() if not cfg.data.validation_digits]
+    if test["split"] == "validation" and holding_none:
+        raise CapstfError(f"Study {study.name} is scored on held-out training digits, but run(s) "
+                          f"{', '.join(holding_none)} hold none: set data.validation_digits.")
     # Trial by trial, so that a study stopped early has whole trials to compare.
     configs = {(run_name, trial): cfg if trial == 1 else run_config(
         study, study.runs[run_name], data_dir, runlocal, {**(overrides or {}), "train.seed": cfg.train.seed + trial - 1})
@@ -234,8 +264,8 @@ def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:
         for trial in sorted(t for t in records if run.name in records[t]):
             scores = records[trial][run.name][steps[trial][run.name]]
             reported.append((trial, scores, *training_progress(scores["checkpoint"])))  # reads the checkpoint
-        for test_set, paper in run.paper.items():
-            cell = {"run": run.name, "row": run.row, "test_set": test_set, "paper_percent": paper,
+        for test_set in run.test_sets:
+            cell = {"run": run.name, "row": run.row, "test_set": test_set, "paper_percent": run.paper.get(test_set),
                     "measured_percent": None, "std_percent": None, "trials": []}
             for trial, scores, examples, seconds in reported:
                 accuracy = scores[test_set]
@@ -258,6 +288,8 @@ def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:
 
 def results_markdown(results: Mapping) -> str:
     lines = [f"# {results['title']}", ""]
+    if results["test"]["split"] == "validation":
+        lines += ["Scored on the training digits each run holds out (data.validation_digits), not on the test digits.", ""]
     if results["matched_on"]:
         for level in results["matched_levels"] or [{"trial": 1, "percent": None}]:
             where = f"Trial {level['trial']}: runs" if len(results["matched_levels"]) > 1 else "Runs"
@@ -268,14 +300,15 @@ def results_markdown(results: Mapping) -> str:
     lines += [f"| row | test set | measured {results['metric']} (%) | paper (%) | parameters | step | examples seen "
               "| training time | run |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in results["cells"]:
+        paper = "" if c["paper_percent"] is None else c["paper_percent"]
         if c["measured_percent"] is None:
-            lines.append(f"| {c['row']} | {c['test_set']} | not run yet | {c['paper_percent']} | | | | | {c['run']} |")
+            lines.append(f"| {c['row']} | {c['test_set']} | not run yet | {paper} | | | | | {c['run']} |")
             continue
         trials = c["trials"]
         measured = f"{c['measured_percent']:.2f}" if len(trials) == 1 else (
             f"{c['measured_percent']:.2f} +- {c['std_percent']:.2f} ({len(trials)} trials: "
             + ", ".join(f"{t['measured_percent']:.2f}" for t in trials) + ")")
-        lines.append(f"| {c['row']} | {c['test_set']} | {measured} | {c['paper_percent']} | {c['parameters']:,} | "
+        lines.append(f"| {c['row']} | {c['test_set']} | {measured} | {paper} | {c['parameters']:,} | "
                      f"{_each_trial(trials, 'step', str)} | {_each_trial(trials, 'examples_seen', '{:,}'.format)} | "
                      f"{_each_trial(trials, 'train_seconds', _duration)} | {c['run']} |")
     trained_with = {c["run"]: c["overrides"] for c in results["cells"] if c.get("overrides")}

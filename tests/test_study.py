@@ -9,15 +9,18 @@ from capstf.checkpoints import list_checkpoints, restore_for_inference
 from capstf.cli import main
 from capstf.config import load_saved
 from capstf.errors import CapstfError
-from capstf.study import collect_results, load_study, matched_steps, run_study
+from capstf.study import collect_results, load_study, matched_steps, run_config, run_study
+
+
+def error_percent(run_dir, images, labels):
+    """The run's newest model's error (%) on these unshifted digits."""
+    model, _ = restore_for_inference(run_dir, load_saved(run_dir))
+    predicted = np.argmax(model(images[..., None].astype(np.float32) / 255)["probabilities"].numpy(), axis=1)
+    return 100 * np.mean(predicted != labels)
 
 
 def error_percent_on_first_test_digits(run_dir, test_digits, count):
-    """The run's newest model's test error on the first `count` unshifted sample test digits."""
-    model, _ = restore_for_inference(run_dir, load_saved(run_dir))
-    images = test_digits.images[:count, ..., None].astype(np.float32) / 255
-    predicted = np.argmax(model(images)["probabilities"].numpy(), axis=1)
-    return 100 * np.mean(predicted != test_digits.labels[:count])
+    return error_percent(run_dir, test_digits.images[:count], test_digits.labels[:count])
 
 
 def test_table1_trains_scores_and_reports_each_run_beside_the_paper(tmp_path, test_digits):
@@ -99,6 +102,35 @@ def test_affnist_compares_the_models_at_matched_expanded_accuracy_within_each_tr
             assert reported["measured_percent"] == pytest.approx(100 * run[reported["step"]][cell["test_set"]], abs=1e-3)
 
 
+def test_a_settings_study_scores_each_run_on_the_training_digits_it_holds_out(tmp_path, train_digits, test_digits):
+    results = run_study("mnist-settings", tmp_path, "sample", runlocal=True, only=("reference", "routing-final"),
+                        log=lambda msg: None)
+    held_out_images, held_out_labels = train_digits.images[-64:], train_digits.labels[-64:]  # runlocal holds out 64
+    cells = {c["run"]: c for c in results["cells"]}
+    errors = {}
+    for run, routing_gradients in (("reference", "all"), ("routing-final", "final")):
+        run_dir = tmp_path / "mnist-settings" / run
+        saved = load_saved(run_dir)
+        assert saved.data.validation_digits == 64 and saved.model.routing_gradients == routing_gradients
+        errors[run] = error_percent(run_dir, held_out_images, held_out_labels)
+        assert cells[run]["measured_percent"] == pytest.approx(errors[run], abs=1e-3)  # 1 digit: 1.5625
+        assert cells[run]["paper_percent"] is None  # the paper has no figure for held-out digits
+    # the held-out digits are not the test digits, for these models either
+    assert any(errors[run] != error_percent_on_first_test_digits(tmp_path / "mnist-settings" / run, test_digits, 64)
+               for run in errors)
+    markdown = (tmp_path / "mnist-settings" / "results.md").read_text()
+    assert "Scored on the training digits each run holds out" in markdown
+    assert "| batch 32 | mnist | not run yet |  |" in markdown
+
+
+def test_a_study_sets_what_all_runs_share_under_each_runs_own_settings():
+    study = load_study("mnist-settings")
+    batch_32 = run_config(study, study.runs["batch-32"])
+    assert (batch_32.data.validation_digits, batch_32.train.batch_size, batch_32.train.checkpoint_every) == (5000, 32, 1718)
+    reference = run_config(study, study.runs["reference"])
+    assert (reference.data.validation_digits, reference.train.batch_size, reference.train.checkpoint_every) == (5000, 64, 859)
+
+
 def test_matched_steps_pick_the_checkpoints_closest_to_the_level_both_reach():
     scores = {"capsnet": {1: {"e": 0.90}, 2: {"e": 0.955}, 3: {"e": 0.99}},
               "cnn": {1: {"e": 0.93}, 2: {"e": 0.96}, 3: {"e": 0.95}}}
@@ -117,7 +149,7 @@ def test_the_affnist_cnn_has_a_similar_number_of_parameters_to_the_capsnet():
 
 
 def test_bad_study_input_gives_one_line_errors(tmp_path):
-    with pytest.raises(CapstfError, match="known studies: affnist, table1"):
+    with pytest.raises(CapstfError, match="known studies: affnist, mnist-settings, table1"):
         load_study("table2")
     with pytest.raises(CapstfError, match="--only mnist-r9: study table1 has the runs"):
         run_study("table1", tmp_path, "sample", only=("mnist-r9",))
@@ -127,6 +159,22 @@ def test_bad_study_input_gives_one_line_errors(tmp_path):
     bad.write_text('title = "x"\n[runs.a]\nrecipe = "mnist"\npaper = { mnist = 1.0 }\nepochs = 3\n')
     with pytest.raises(CapstfError, match=r"\[runs.a\]: unknown key\(s\) epochs"):
         load_study(str(bad))
+    bad.write_text('[runs.a]\nrecipe = "mnist"\npaper = { mnist = 1.0 }\nscored_on = ["affnist"]\n')
+    with pytest.raises(CapstfError, match=r"\[runs.a\]: the paper's figures are for test sets it is not scored_on"):
+        load_study(str(bad))
+    bad.write_text('[runs.a]\nrecipe = "mnist"\nscored_on = "mnist"\n')
+    with pytest.raises(CapstfError, match=r"\[runs.a\]: paper is a table .* and scored_on a list"):
+        load_study(str(bad))
+    bad.write_text('[runs.a]\nrecipe = "mnist"\nscored_on = ["mnits"]\n')
+    with pytest.raises(CapstfError, match=r"\[runs.a\]: Unknown data set 'mnits'"):
+        load_study(str(bad))
+    bad.write_text('[test]\nsplit = "train"\n[runs.a]\nrecipe = "mnist"\nscored_on = ["mnist"]\n')
+    with pytest.raises(CapstfError, match=r"\[test\]: split must be one of test, validation"):
+        load_study(str(bad))
+    bad.write_text('[test]\nsplit = "validation"\n[runs.a]\nrecipe = "mnist"\nscored_on = ["mnist"]\n')
+    with pytest.raises(CapstfError, match="scored on held-out training digits, but run\\(s\\) a hold none"):
+        run_study(str(bad), tmp_path, "sample", runlocal=True)
+    assert not (tmp_path / "bad").exists()  # refused before any training
     result = CliRunner().invoke(main, ["study", "table1", "--only", "nope", "--runs-dir", str(tmp_path)])
     assert result.exit_code != 0 and "capstf: error: --only nope" in result.output
 
