@@ -12,6 +12,8 @@ The capsule layers compute in float32 under any dtype policy (routing's softmax 
 too much in 16 bits); PrimaryCapsules' convolution follows the policy (bfloat16 under
 "mixed_bfloat16").
 """
+import functools
+
 import keras
 import tensorflow as tf
 
@@ -84,9 +86,11 @@ def conv2d_valid(x, kernel, stride, forward_gradients=True):
     kernel, zero-padded, correlated with the flipped output gradient, dilated by the stride).
     On this project's AVX512 CPUs oneDNN ran these faster than TF's gradient kernels (PrimaryCaps,
     batch 128, float32 / bfloat16): kernel gradient 233 vs 360 ms / 121 vs 272 ms; input gradient
-    252 vs 305 ms / 126 vs 135 ms. Inputs with few channels (Conv1's image) keep TF's gradients:
-    one channel is too small a batch (2x slower, measured). forward_gradients=False keeps
-    TensorFlow's own gradients (GPUs: cuDNN's are not known to lose to these).
+    252 vs 305 ms / 126 vs 135 ms. On CPUs with AMX, oneDNN runs the dilated input gradient in
+    bfloat16 without AMX, so there it is `input_gradient_by_phases` instead (PrimaryCaps, batch
+    64: 67 ms against 130 dilated and 98 TF's own). Inputs with few channels (Conv1's image) keep
+    TF's gradients: one channel is too small a batch (2x slower, measured). forward_gradients=False
+    keeps TensorFlow's own gradients (GPUs: cuDNN's are not known to lose to these).
     """
     if not forward_gradients or x.shape[-1] < MIN_CHANNELS_FOR_CONV_GRADIENTS:
         return tf.nn.conv2d(x, kernel, stride, "VALID")
@@ -101,13 +105,47 @@ def conv2d_valid(x, kernel, stride, forward_gradients=True):
             used_h, used_w = stride * (out_h - 1) + kh, stride * (out_w - 1) + kw
             dk = tf.nn.conv2d(tf.transpose(x[:, :used_h, :used_w], [3, 1, 2, 0]), tf.transpose(dy, [1, 2, 0, 3]),
                               1, "VALID", dilations=stride)  # [in_ch, kh, kw, out_ch]
-            # d/dx: [in_ch, kh, kw, out_ch] (padded) * [out_h, out_w, out_ch, batch] (flipped)
-            pad = [[0, 0], [stride * (out_h - 1), in_h - kh], [stride * (out_w - 1), in_w - kw], [0, 0]]
-            dx = tf.nn.conv2d(tf.transpose(kernel, [2, 0, 1, 3]), tf.transpose(tf.reverse(dy, [1, 2]), [1, 2, 3, 0]),
-                              1, pad, dilations=stride)  # [in_ch, in_h, in_w, batch]
-            return tf.transpose(dx, [3, 1, 2, 0]), tf.transpose(dk, [1, 2, 0, 3])
+            if dy.dtype == tf.bfloat16 and min(kh, kw) >= stride and cpu_has_amx_bf16():
+                dx = input_gradient_by_phases(dy, kernel, stride, in_h, in_w)
+            else:
+                # d/dx: [in_ch, kh, kw, out_ch] (padded) * [out_h, out_w, out_ch, batch] (flipped)
+                pad = [[0, 0], [stride * (out_h - 1), in_h - kh], [stride * (out_w - 1), in_w - kw], [0, 0]]
+                dx = tf.transpose(tf.nn.conv2d(
+                    tf.transpose(kernel, [2, 0, 1, 3]), tf.transpose(tf.reverse(dy, [1, 2]), [1, 2, 3, 0]),
+                    1, pad, dilations=stride), [3, 1, 2, 0])  # [in_ch, in_h, in_w, batch] -> [batch, ..., in_ch]
+            return dx, tf.transpose(dk, [1, 2, 0, 3])
         return tf.nn.conv2d(x, kernel, stride, "VALID"), grad
     return conv(x, kernel)
+
+
+def input_gradient_by_phases(dy, kernel, stride, in_h, in_w):
+    """d/dx of a VALID convolution with this stride, as stride^2 stride-1 convolutions of dy.
+
+    Input row stride * p + r meets only kernel rows r, r + stride, ...: the rows of phase r are
+    dy fully correlated with those kernel rows, flipped; likewise the columns. The phases are
+    then interleaved. Each convolution is a plain one, which oneDNN runs in AMX tiles.
+    """
+    rows, cols = -(-in_h // stride), -(-in_w // stride)  # of phase 0, the largest; crop at the end
+    phases = []  # [stride rows][stride cols] of [batch, rows, cols, in_ch]
+    for r in range(stride):
+        phases.append([])
+        for c in range(stride):
+            k = tf.transpose(tf.reverse(kernel[r::stride, c::stride], [0, 1]), [0, 1, 3, 2])  # [kh', kw', out_ch, in_ch]
+            kh, kw = k.shape[:2]
+            full = tf.nn.conv2d(dy, k, 1, [[0, 0], [kh - 1, kh - 1], [kw - 1, kw - 1], [0, 0]])[:, :rows, :cols]
+            phases[r].append(tf.pad(full, [[0, 0], [0, rows - full.shape[1]], [0, cols - full.shape[2]], [0, 0]]))
+    interleaved = tf.stack([tf.stack(row, axis=3) for row in phases], axis=2)  # [batch, rows, r, cols, c, in_ch]
+    return tf.reshape(interleaved, [-1, rows * stride, cols * stride, kernel.shape[2]])[:, :in_h, :in_w]
+
+
+@functools.cache
+def cpu_has_amx_bf16() -> bool:
+    """Whether this CPU has AMX for bfloat16 (Intel Xeons since Sapphire Rapids); read on Linux only."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return "amx_bf16" in cpuinfo.read()
+    except OSError:
+        return False
 
 
 def _positive(**values):

@@ -204,6 +204,41 @@ def test_conv_gradients_equal_tensorflows_own(stride, size):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("stride,size,kernel_size", [(1, 13, 9), (2, 13, 9), (2, 14, 9), (2, 20, 9), (3, 16, 5)])
+def test_the_input_gradient_by_phases_equals_tensorflows_own(stride, size, kernel_size):
+    from capstf.layers import input_gradient_by_phases
+    x = tf.random.normal([2, size, size, 16], seed=6)
+    kernel = tf.random.normal([kernel_size, kernel_size, 16, 4], seed=7)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = tf.nn.conv2d(x, kernel, stride, "VALID")
+    dy = tf.random.normal(y.shape, seed=8)
+    np.testing.assert_allclose(input_gradient_by_phases(dy, kernel, stride, size, size),
+                               tape.gradient(y, x, output_gradients=dy), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("amx,dtype,by_phases", [(True, tf.bfloat16, True), (False, tf.bfloat16, False),
+                                                 (True, tf.float32, False)])
+def test_the_input_gradient_goes_by_phases_in_bfloat16_on_amx_cpus_only(monkeypatch, amx, dtype, by_phases):
+    import capstf.layers as layers
+    phase_calls, by_phases_of = [], layers.input_gradient_by_phases
+    monkeypatch.setattr(layers, "cpu_has_amx_bf16", lambda: amx)
+    monkeypatch.setattr(layers, "input_gradient_by_phases", lambda *args: phase_calls.append(args) or by_phases_of(*args))
+    x = tf.random.normal([2, 20, 20, 16], seed=6)
+    kernel = tf.random.normal([9, 9, 16, 4], seed=7)
+    dy = tf.random.normal([2, 6, 6, 4], seed=8)
+    grads = []
+    for conv, cast in ((layers.conv2d_valid, lambda t: tf.cast(t, dtype)), (tf.nn.conv2d, tf.identity)):
+        x_in = cast(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x_in)
+            y = conv(x_in, cast(kernel), 2) if conv is layers.conv2d_valid else conv(x_in, kernel, 2, "VALID")
+        grads.append(tf.cast(tape.gradient(y, x_in, output_gradients=cast(dy)), tf.float32).numpy())
+    assert len(phase_calls) == int(by_phases)
+    ours, tensorflows = grads
+    np.testing.assert_allclose(ours, tensorflows, atol=0.02 * np.abs(tensorflows).max())  # bfloat16: 8 bits
+
+
 @pytest.mark.parametrize("forward_gradients", [True, False])
 def test_gpu_models_keep_tensorflows_convolution_gradients(forward_gradients):
     model = build_model(ModelConfig(input_size=28, conv1_filters=16, primary_caps_types=4),
