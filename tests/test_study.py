@@ -148,6 +148,22 @@ def test_the_affnist_cnn_has_a_similar_number_of_parameters_to_the_capsnet():
     assert abs(counts["cnn"] / counts["capsnet"] - 1) < 0.01
 
 
+@pytest.mark.parametrize("content,error", [
+    ('[runs.a]\nrecipe = "mnist"\npaper = { mnist = 1.0 }\nepochs = 3\n', r"\[runs.a\]: unknown key\(s\) epochs"),
+    ('[runs.a]\nrecipe = "mnist"\npaper = { mnist = 1.0 }\nscored_on = ["affnist"]\n',
+     r"\[runs.a\]: the paper's figures are for test sets it is not scored_on"),
+    ('[runs.a]\nrecipe = "mnist"\nscored_on = "mnist"\n', r"\[runs.a\]: paper is a table .* and scored_on a list"),
+    ('[runs.a]\nrecipe = "mnist"\nscored_on = ["mnits"]\n', r"\[runs.a\]: Unknown data set 'mnits'"),
+    ('[test]\nsplit = "train"\n[runs.a]\nrecipe = "mnist"\nscored_on = ["mnist"]\n',
+     r"\[test\]: split must be one of test, validation"),
+])
+def test_a_bad_study_file_gives_a_one_line_error_naming_the_problem(tmp_path, content, error):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(content)
+    with pytest.raises(CapstfError, match=error):
+        load_study(str(bad))
+
+
 def test_bad_study_input_gives_one_line_errors(tmp_path):
     with pytest.raises(CapstfError, match="known studies: affnist, mnist-settings, table1"):
         load_study("table2")
@@ -156,21 +172,6 @@ def test_bad_study_input_gives_one_line_errors(tmp_path):
     with pytest.raises(CapstfError, match="--trials 0: a study trains each run at least once"):
         run_study("table1", tmp_path, "sample", trials=0)
     bad = tmp_path / "bad.toml"
-    bad.write_text('title = "x"\n[runs.a]\nrecipe = "mnist"\npaper = { mnist = 1.0 }\nepochs = 3\n')
-    with pytest.raises(CapstfError, match=r"\[runs.a\]: unknown key\(s\) epochs"):
-        load_study(str(bad))
-    bad.write_text('[runs.a]\nrecipe = "mnist"\npaper = { mnist = 1.0 }\nscored_on = ["affnist"]\n')
-    with pytest.raises(CapstfError, match=r"\[runs.a\]: the paper's figures are for test sets it is not scored_on"):
-        load_study(str(bad))
-    bad.write_text('[runs.a]\nrecipe = "mnist"\nscored_on = "mnist"\n')
-    with pytest.raises(CapstfError, match=r"\[runs.a\]: paper is a table .* and scored_on a list"):
-        load_study(str(bad))
-    bad.write_text('[runs.a]\nrecipe = "mnist"\nscored_on = ["mnits"]\n')
-    with pytest.raises(CapstfError, match=r"\[runs.a\]: Unknown data set 'mnits'"):
-        load_study(str(bad))
-    bad.write_text('[test]\nsplit = "train"\n[runs.a]\nrecipe = "mnist"\nscored_on = ["mnist"]\n')
-    with pytest.raises(CapstfError, match=r"\[test\]: split must be one of test, validation"):
-        load_study(str(bad))
     bad.write_text('[test]\nsplit = "validation"\n[runs.a]\nrecipe = "mnist"\nscored_on = ["mnist"]\n')
     with pytest.raises(CapstfError, match="scored on held-out training digits, but run\\(s\\) a hold none"):
         run_study(str(bad), tmp_path, "sample", runlocal=True)
