@@ -362,14 +362,15 @@ def test_multi_worker_run_killed_after_a_checkpoint_resumes_even_without_a_worke
     import signal
     import time
     run_two_workers(tmp_path / "straight", 120, checkpoint_every=10)
+    from capstf.checkpoints import list_checkpoints
     workers = start_two_workers(tmp_path / "killed", 120, checkpoint_every=10)
     deadline = time.time() + 240
-    while time.time() < deadline and not list((tmp_path / "killed" / "checkpoints").glob("ckpt-*.index")):
+    # Recorded, not only written: its .index file appears before the checkpoint list names it.
+    while time.time() < deadline and not list_checkpoints(tmp_path / "killed"):
         time.sleep(0.05)
     for worker in workers:  # both killed without warning after the chief's first checkpoint
         worker.send_signal(signal.SIGKILL)
         worker.wait()
-    from capstf.checkpoints import list_checkpoints
     assert 0 < list_checkpoints(tmp_path / "killed")[-1][0] < 120  # killed mid-run
     shutil.rmtree(tmp_path / "killed" / "worker_scratch", ignore_errors=True)  # worker 1 back on a fresh disk
     run_two_workers(tmp_path / "killed", 120, checkpoint_every=10)
