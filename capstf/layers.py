@@ -88,7 +88,7 @@ def conv2d_valid(x, kernel, stride, forward_gradients=True):
     batch 128, float32 / bfloat16): kernel gradient 233 vs 360 ms / 121 vs 272 ms; input gradient
     252 vs 305 ms / 126 vs 135 ms. On CPUs with AMX, oneDNN runs the dilated input gradient in
     bfloat16 without AMX, so there it is `input_gradient_by_phases` instead (PrimaryCaps, batch
-    64: 67 ms against 130 dilated and 98 TF's own). Inputs with few channels (Conv1's image) keep
+    64: 44 ms against 130 dilated and 98 TF's own). Inputs with few channels (Conv1's image) keep
     TF's gradients: one channel is too small a batch (2x slower, measured). forward_gradients=False
     keeps TensorFlow's own gradients (GPUs: cuDNN's are not known to lose to these).
     """
@@ -125,14 +125,18 @@ def input_gradient_by_phases(dy, kernel, stride, in_h, in_w):
     dy fully correlated with those kernel rows, flipped; likewise the columns. The phases are
     then interleaved. Each convolution is a plain one, which oneDNN runs in AMX tiles.
     """
+    kh, kw = kernel.shape[:2]
     rows, cols = -(-in_h // stride), -(-in_w // stride)  # of phase 0, the largest; crop at the end
+    swapped = tf.transpose(kernel, [0, 1, 3, 2])  # [kh, kw, out_ch, in_ch]
     phases = []  # [stride rows][stride cols] of [batch, rows, cols, in_ch]
     for r in range(stride):
         phases.append([])
+        # Gathers, flipping as they pick: strided slices of a bfloat16 kernel were 5x slower here.
+        kernel_rows = tf.gather(swapped, list(range(r, kh, stride))[::-1], axis=0)
         for c in range(stride):
-            k = tf.transpose(tf.reverse(kernel[r::stride, c::stride], [0, 1]), [0, 1, 3, 2])  # [kh', kw', out_ch, in_ch]
-            kh, kw = k.shape[:2]
-            full = tf.nn.conv2d(dy, k, 1, [[0, 0], [kh - 1, kh - 1], [kw - 1, kw - 1], [0, 0]])[:, :rows, :cols]
+            k = tf.gather(kernel_rows, list(range(c, kw, stride))[::-1], axis=1)  # [kh', kw', out_ch, in_ch]
+            pad_h, pad_w = k.shape[0] - 1, k.shape[1] - 1
+            full = tf.nn.conv2d(dy, k, 1, [[0, 0], [pad_h, pad_h], [pad_w, pad_w], [0, 0]])[:, :rows, :cols]
             phases[r].append(tf.pad(full, [[0, 0], [0, rows - full.shape[1]], [0, cols - full.shape[2]], [0, 0]]))
     interleaved = tf.stack([tf.stack(row, axis=3) for row in phases], axis=2)  # [batch, rows, r, cols, c, in_ch]
     return tf.reshape(interleaved, [-1, rows * stride, cols * stride, kernel.shape[2]])[:, :in_h, :in_w]
