@@ -94,9 +94,7 @@ def load_study(name: str) -> Study:
     if raw.get("metric", "error") not in METRICS:
         raise CapstfError(f"{where}: metric must be one of {', '.join(METRICS)}.")
     test = {**TEST_SETTINGS, **raw.get("test", {})}
-    _check_keys(test, set(TEST_SETTINGS), f"{where} [test]")
-    if test["split"] not in SPLITS:
-        raise CapstfError(f"{where} [test]: split must be one of {', '.join(SPLITS)}.")
+    _check_test_settings(test, f"{where} [test]")
     runs = {}
     for run_name, spec in raw.get("runs", {}).items():
         run_where = f"{where} [runs.{run_name}]"
@@ -150,8 +148,15 @@ def run_config(study: Study, run: Run, data_dir=None, runlocal=False, overrides:
 def test_settings(study: Study, runlocal: bool) -> Dict[str, object]:
     local = {k[len("test."):]: v for k, v in study.runlocal.items() if k.startswith("test.")} if runlocal else {}
     settings = {**study.test, **local}
-    _check_keys(settings, set(TEST_SETTINGS), f"Study {study.name} [runlocal]")
+    _check_test_settings(settings, f"Study {study.name} [runlocal]")
     return settings
+
+
+def _check_test_settings(settings, where):
+    """How runs are scored, from [test] or from [runlocal]'s "test.*" on top of it."""
+    _check_keys(settings, set(TEST_SETTINGS), where)
+    if settings["split"] not in SPLITS:
+        raise CapstfError(f"{where}: split must be one of {', '.join(SPLITS)}.")
 
 
 def score_checkpoint(run: Run, run_dir: Path, test: Mapping, checkpoint=None) -> Dict[str, float]:

@@ -175,6 +175,9 @@ def test_bad_study_input_gives_one_line_errors(tmp_path):
     bad.write_text('[test]\nsplit = "validation"\n[runs.a]\nrecipe = "mnist"\nscored_on = ["mnist"]\n')
     with pytest.raises(CapstfError, match="scored on held-out training digits, but run\\(s\\) a hold none"):
         run_study(str(bad), tmp_path, "sample", runlocal=True)
+    bad.write_text('[runlocal]\n"test.split" = "train"\n[runs.a]\nrecipe = "mnist"\nscored_on = ["mnist"]\n')
+    with pytest.raises(CapstfError, match=r"\[runlocal\]: split must be one of test, validation"):
+        run_study(str(bad), tmp_path, "sample", runlocal=True)
     assert not (tmp_path / "bad").exists()  # refused before any training
     result = CliRunner().invoke(main, ["study", "table1", "--only", "nope", "--runs-dir", str(tmp_path)])
     assert result.exit_code != 0 and "capstf: error: --only nope" in result.output
