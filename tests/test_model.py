@@ -106,7 +106,10 @@ def test_routing_gradients_setting_reaches_the_model():
 
 
 @pytest.mark.parametrize("iterations", [1, 3])
-def test_xla_and_plain_graph_give_the_same_outputs_and_gradients(iterations):
+@pytest.mark.parametrize("in_tf_function", [False, True], ids=["eager", "tf.function"])
+def test_xla_and_plain_graph_give_the_same_outputs_and_gradients(iterations, in_tf_function):
+    # Training differentiates inside a tf.function: TensorFlow's graph path for the compiled
+    # part's gradient, not the eager one.
     model = build_model(ModelConfig(input_size=28, conv1_filters=16, primary_caps_types=4, routing_iters=iterations))
     batch = {"image": tf.random.uniform([8, 28, 28, 1], seed=6), "label": tf.range(8) % 10}
 
@@ -119,13 +122,15 @@ def test_xla_and_plain_graph_give_the_same_outputs_and_gradients(iterations):
     results = []
     for jit in (True, False):
         model.jit_routing = jit
-        results.append(outputs_and_gradients())
+        results.append((tf.function(outputs_and_gradients) if in_tf_function else outputs_and_gradients)())
     (out_xla, grads_xla), (out_plain, grads_plain) = results
     for key in out_plain:
         np.testing.assert_allclose(out_xla[key], out_plain[key], atol=1e-5)
     for xla, plain in zip(grads_xla, grads_plain):
-        assert float(tf.reduce_max(tf.abs(plain))) > 0
-        np.testing.assert_allclose(xla, plain, atol=1e-5)
+        # Relative to each gradient's size: the convolutions' are ~1e-7 here, under any fixed atol.
+        scale = float(tf.reduce_max(tf.abs(plain)))
+        assert scale > 0
+        np.testing.assert_allclose(xla, plain, atol=1e-4 * scale)
 
 
 def test_parameter_counts_match_the_paper():
