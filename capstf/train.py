@@ -311,14 +311,11 @@ def make_train_step(model, optimizer, strategy, global_batch, jit_step):
     workers, were asked to stop (the all-reduce that carries the metrics carries it too)."""
     @tf.function(jit_compile=jit_step)
     def replica_step(batch, stop_requested):
-        with tf.GradientTape() as tape:
-            out = model(batch["image"], labels=batch["label"], training=True)
-            losses = model.per_example_losses(out, batch)
-            # Averaged over the global batch, so N replicas train like one device.
-            loss = tf.nn.compute_average_loss(losses["loss"], global_batch_size=global_batch)
-            if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-                loss = optimizer.scale_loss(loss)
-        grads = tape.gradient(loss, model.trainable_variables)
+        # The loss is the mean over the global batch, so N replicas train like one device.
+        example_weight = tf.constant(1.0 / global_batch)
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            example_weight = optimizer.scale_loss(example_weight)
+        out, losses, grads = model.losses_and_gradients(batch, example_weight)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         sums = {k: tf.reduce_sum(v) for k, v in losses.items()}
         sums["accuracy"] = tf.reduce_sum(tf.cast(exact_match(out["probabilities"], batch["label"]), tf.float32))

@@ -133,6 +133,37 @@ def test_xla_and_plain_graph_give_the_same_outputs_and_gradients(iterations, in_
         np.testing.assert_allclose(xla, plain, atol=1e-4 * scale)
 
 
+
+@pytest.mark.parametrize("settings", [
+    {},
+    {"routing_gradients": "final"},
+    {"decoder": False},
+    {"input_size": 36, "digits_per_image": 2},
+], ids=["paper", "final-routing-gradients", "no-decoder", "multimnist"])
+def test_compiled_training_gradients_equal_the_tapes_through_the_model(settings):
+    # With jit_routing, CapsNet.losses_and_gradients compiles everything after the convolutions,
+    # forward and backward, and chains its gradient into the convolutions' by hand: it must give
+    # what a tape around the whole model gives in plain graph mode, variable by variable.
+    cfg = ModelConfig(**{"input_size": 28, "conv1_filters": 16, "primary_caps_types": 4, **settings})
+    model = build_model(cfg)
+    size, k = cfg.input_size, cfg.digits_per_image
+    labels = tf.reshape(tf.range(8 * k) % 10, [8, k]) if k > 1 else tf.range(8) % 10
+    batch = {"image": tf.random.uniform([8, size, size, 1], seed=6), "label": labels}
+    if k > 1:
+        batch["components"] = tf.random.uniform([8, k, size, size, 1], seed=7)
+    results = []
+    for jit in (True, False):
+        model.jit_routing = jit
+        results.append(tf.function(lambda: model.losses_and_gradients(batch, tf.constant(0.25)))())
+    compiled, taped = results
+    for ours, theirs in zip(tf.nest.flatten(compiled[:2]), tf.nest.flatten(taped[:2])):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    assert len(compiled[2]) == len(model.trainable_variables)
+    for variable, ours, theirs in zip(model.trainable_variables, compiled[2], taped[2]):
+        scale = float(tf.reduce_max(tf.abs(theirs)))
+        assert scale > 0, variable.path
+        np.testing.assert_allclose(ours, theirs, atol=1e-4 * scale, err_msg=variable.path)
+
 def test_parameter_counts_match_the_paper():
     # No bias on DigitCaps (the paper's equations have none): 8,215,568 at 28x28.
     assert build_model(ModelConfig(input_size=28)).count_params() == 8_215_568

@@ -8,8 +8,10 @@ first FC width, to match the CapsNet's parameter count.
 import tensorflow as tf
 from tensorflow import keras
 
+from capstf.model.base import Model
 
-class BaselineCNN(keras.Model):
+
+class BaselineCNN(Model):
     """Args: cfg: ModelConfig (input size, channels, classes, digits per image, baseline_*)."""
 
     def __init__(self, cfg, precision="float32", **kwargs):

@@ -1,0 +1,20 @@
+"""What training needs of a model beyond Keras': per-example losses and their gradients."""
+import tensorflow as tf
+from tensorflow import keras
+
+
+class Model(keras.Model):
+    """A Keras model called as model(images, labels=None, training=False) -> dict of outputs."""
+
+    def per_example_losses(self, out, batch):
+        """{"loss": [batch], and its named parts} for the outputs of one batch."""
+        raise NotImplementedError
+
+    def losses_and_gradients(self, batch, example_weight):
+        """One training batch's outputs, per-example losses, and the gradients, with respect to
+        `trainable_variables`, of example_weight * (the sum of the examples' losses)."""
+        with tf.GradientTape() as tape:
+            out = self(batch["image"], labels=batch["label"], training=True)
+            losses = self.per_example_losses(out, batch)
+            loss = tf.reduce_sum(losses["loss"]) * example_weight
+        return out, losses, tape.gradient(loss, self.trainable_variables)
