@@ -126,11 +126,17 @@ def test_xla_and_plain_graph_give_the_same_outputs_and_gradients(iterations, in_
     (out_xla, grads_xla), (out_plain, grads_plain) = results
     for key in out_plain:
         np.testing.assert_allclose(out_xla[key], out_plain[key], atol=1e-5)
-    for xla, plain in zip(grads_xla, grads_plain):
-        # Relative to each gradient's size: the convolutions' are ~1e-7 here, under any fixed atol.
-        scale = float(tf.reduce_max(tf.abs(plain)))
-        assert scale > 0
-        np.testing.assert_allclose(xla, plain, atol=1e-4 * scale)
+    assert_gradients_close(model.trainable_variables, grads_xla, grads_plain)
+
+
+def assert_gradients_close(variables, ours, theirs):
+    """Variable by variable, relative to each gradient's size: the convolutions' are ~1e-7 in
+    these small models, under any fixed atol."""
+    assert len(ours) == len(theirs) == len(variables)
+    for variable, mine, reference in zip(variables, ours, theirs):
+        scale = float(tf.reduce_max(tf.abs(reference)))
+        assert scale > 0, variable.path
+        np.testing.assert_allclose(mine, reference, atol=1e-4 * scale, err_msg=variable.path)
 
 
 
@@ -158,11 +164,7 @@ def test_compiled_training_gradients_equal_the_tapes_through_the_model(settings)
     compiled, taped = results
     for ours, theirs in zip(tf.nest.flatten(compiled[:2]), tf.nest.flatten(taped[:2])):
         np.testing.assert_allclose(ours, theirs, atol=1e-5)
-    assert len(compiled[2]) == len(model.trainable_variables)
-    for variable, ours, theirs in zip(model.trainable_variables, compiled[2], taped[2]):
-        scale = float(tf.reduce_max(tf.abs(theirs)))
-        assert scale > 0, variable.path
-        np.testing.assert_allclose(ours, theirs, atol=1e-4 * scale, err_msg=variable.path)
+    assert_gradients_close(model.trainable_variables, compiled[2], taped[2])
 
 def test_parameter_counts_match_the_paper():
     # No bias on DigitCaps (the paper's equations have none): 8,215,568 at 28x28.
