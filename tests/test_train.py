@@ -290,6 +290,39 @@ def test_mirrored_replicas_compute_the_one_device_sgd_step(train_digits):
         np.testing.assert_allclose(two, one, rtol=1e-3, atol=1e-6)  # a doubled gradient is off by 100%
 
 
+def test_the_loss_scaled_float16_step_applies_the_float32_gradient(train_digits):
+    """mixed_float16, the default on 7.x GPUs: the loss scale enters the compiled capsule
+    gradients and, through them, the convolutions' chained gradient; the optimizer must see it
+    undone. Scaled twice, or never, every update is off by the scale (256x here)."""
+    from tensorflow import keras
+    from capstf.model import build_model
+    from capstf.train import make_train_step
+    cfg = small_config()
+    images = train_digits.images[::150][:32, ..., None].astype("float32") / 255
+    batch = {"image": images, "label": train_digits.labels[::150][:32]}
+    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
+    updates, start = [], None
+    for precision in ("float32", "mixed_float16"):
+        with strategy.scope():
+            model = build_model(cfg.model, jit_routing=True, precision=precision, forward_conv_gradients=False)
+            optimizer = keras.optimizers.SGD(100.0)  # updates far above the float32 rounding of the weights
+            if precision == "mixed_float16":  # small, so that no float16 gradient overflows and skips the step
+                optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=256)
+            optimizer.build(model.trainable_variables)
+        start = start or [v.numpy() for v in model.trainable_variables]
+        for variable, value in zip(model.trainable_variables, start):
+            variable.assign(value)
+        data = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(batch).batch(32))
+        make_train_step(model, optimizer, strategy, 32, False)(iter(data))
+        updates.append([v.numpy() - s for v, s in zip(model.trainable_variables, start)])
+    assert model.conv1.compute_dtype == "float16"
+    for variable, full, half in zip(model.trainable_variables, *updates):
+        if "decoder" in variable.path and "kernel" in variable.path:
+            continue  # their first gradients (~1e-10) leave updates at the rounding of their weights
+        assert np.abs(full).max() > 0
+        np.testing.assert_allclose(half, full, atol=0.05 * np.abs(full).max())  # float16 convolutions
+
+
 def test_evaluate_starts_without_tensorflow_log_lines(trained_mnist):
     model_dir, _ = trained_mnist
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}  # as a user's shell has it
