@@ -264,15 +264,28 @@ def test_a_finished_multi_worker_run_extended_resumes_every_worker_from_the_chie
         np.testing.assert_allclose(x, y, atol=1e-6)
 
 
-def test_mirrored_replicas_compute_the_one_device_sgd_step(train_digits):
+@pytest.fixture
+def step_batch(train_digits):
+    """32 training digits, every class among them, as one batch."""
+    images = train_digits.images[::150][:32, ..., None].astype("float32") / 255
+    return {"image": images, "label": train_digits.labels[::150][:32]}
+
+
+def one_step_update(model, optimizer, strategy, batch):
+    """What one step of `make_train_step` on `batch` adds to each trainable variable."""
+    from capstf.train import make_train_step
+    start = [v.numpy() for v in model.trainable_variables]
+    data = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(batch).batch(32))
+    make_train_step(model, optimizer, strategy, 32, False)(iter(data))
+    return [v.numpy() - s for v, s in zip(model.trainable_variables, start)]
+
+
+def test_mirrored_replicas_compute_the_one_device_sgd_step(step_batch):
     """Plain SGD: a replica averaging its loss over its own half of the batch would double the
     gradient (Adam's normalisation would hide that)."""
     from tensorflow import keras
     from capstf.model import build_model
-    from capstf.train import make_train_step
     cfg = small_config()
-    images = train_digits.images[::150][:32, ..., None].astype("float32") / 255
-    batch = {"image": images, "label": train_digits.labels[::150][:32]}
     results = []
     for strategy in (tf.distribute.OneDeviceStrategy("/cpu:0"), tf.distribute.MirroredStrategy(
             ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())):
@@ -281,27 +294,21 @@ def test_mirrored_replicas_compute_the_one_device_sgd_step(train_digits):
             model = build_model(cfg.model, jit_routing=False)
             optimizer = keras.optimizers.SGD(1.0)
             optimizer.build(model.trainable_variables)
-        start = [v.numpy() for v in model.trainable_variables]
-        data = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(batch).batch(32))
-        make_train_step(model, optimizer, strategy, 32, False)(iter(data))
-        results.append([v.numpy() - s for v, s in zip(model.trainable_variables, start)])
+        results.append(one_step_update(model, optimizer, strategy, step_batch))
     for one, two in zip(*results):
         assert np.abs(one).max() > 0
         np.testing.assert_allclose(two, one, rtol=1e-3, atol=1e-6)  # a doubled gradient is off by 100%
 
 
-def test_the_loss_scaled_float16_step_applies_the_float32_gradient(train_digits):
+def test_the_loss_scaled_float16_step_applies_the_float32_gradient(step_batch):
     """mixed_float16, the default on 7.x GPUs: the loss scale enters the compiled capsule
     gradients and, through them, the convolutions' chained gradient; the optimizer must see it
     undone. Scaled twice, or never, every update is off by the scale (256x here)."""
     from tensorflow import keras
     from capstf.model import build_model
-    from capstf.train import make_train_step
     cfg = small_config()
-    images = train_digits.images[::150][:32, ..., None].astype("float32") / 255
-    batch = {"image": images, "label": train_digits.labels[::150][:32]}
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    updates, start = [], None
+    updates, initial = [], None
     for precision in ("float32", "mixed_float16"):
         with strategy.scope():
             model = build_model(cfg.model, jit_routing=True, precision=precision, forward_conv_gradients=False)
@@ -309,12 +316,10 @@ def test_the_loss_scaled_float16_step_applies_the_float32_gradient(train_digits)
             if precision == "mixed_float16":  # small, so that no float16 gradient overflows and skips the step
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer, initial_scale=256)
             optimizer.build(model.trainable_variables)
-        start = start or [v.numpy() for v in model.trainable_variables]
-        for variable, value in zip(model.trainable_variables, start):
+        initial = initial or [v.numpy() for v in model.trainable_variables]
+        for variable, value in zip(model.trainable_variables, initial):
             variable.assign(value)
-        data = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices(batch).batch(32))
-        make_train_step(model, optimizer, strategy, 32, False)(iter(data))
-        updates.append([v.numpy() - s for v, s in zip(model.trainable_variables, start)])
+        updates.append(one_step_update(model, optimizer, strategy, step_batch))
     assert model.conv1.compute_dtype == "float16"
     for variable, full, half in zip(model.trainable_variables, *updates):
         if "decoder" in variable.path and "kernel" in variable.path:
