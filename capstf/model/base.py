@@ -10,11 +10,15 @@ class Model(keras.Model):
         """{"loss": [batch], and its named parts} for the outputs of one batch."""
         raise NotImplementedError
 
+    def training_loss(self, out, batch, example_weight):
+        """The per-example losses, and what training differentiates: example_weight * their sum."""
+        losses = self.per_example_losses(out, batch)
+        return losses, tf.reduce_sum(losses["loss"]) * example_weight
+
     def losses_and_gradients(self, batch, example_weight):
-        """One training batch's outputs, per-example losses, and the gradients, with respect to
-        `trainable_variables`, of example_weight * (the sum of the examples' losses)."""
+        """One training batch's outputs, per-example losses, and the gradients of
+        `training_loss` with respect to `trainable_variables`."""
         with tf.GradientTape() as tape:
             out = self(batch["image"], labels=batch["label"], training=True)
-            losses = self.per_example_losses(out, batch)
-            loss = tf.reduce_sum(losses["loss"]) * example_weight
+            losses, loss = self.training_loss(out, batch, example_weight)
         return out, losses, tape.gradient(loss, self.trainable_variables)

@@ -62,8 +62,12 @@ class CapsNet(Model):
         the k longest.
         """
         primary = self.primary(self.conv1(images))  # [batch, in_caps, in_dim]
-        classes = None if labels is None else tf.reshape(labels, [-1, self.cfg.digits_per_image])  # [batch, k]
+        classes = None if labels is None else self.labelled_classes(labels)
         return (self.from_primary_capsules_xla if self.jit_routing else self.from_primary_capsules)(primary, classes)
+
+    def labelled_classes(self, labels):
+        """Labels int [batch] or [batch, k] -> the classes to decode, [batch, k]."""
+        return tf.reshape(labels, [-1, self.cfg.digits_per_image])
 
     def from_primary_capsules(self, primary, classes=None):
         """Primary capsules -> the outputs of `call`; decodes `classes`, or the k longest."""
@@ -104,9 +108,8 @@ class CapsNet(Model):
         """Outputs, losses, d/d(primary) and d/d(_capsule_variables) from the primary capsules on."""
         with tf.GradientTape() as tape:
             tape.watch(primary)
-            out = self.from_primary_capsules(primary, tf.reshape(batch["label"], [-1, self.cfg.digits_per_image]))
-            losses = self.per_example_losses(out, batch)
-            loss = tf.reduce_sum(losses["loss"]) * example_weight
+            out = self.from_primary_capsules(primary, self.labelled_classes(batch["label"]))
+            losses, loss = self.training_loss(out, batch, example_weight)
         grads = tape.gradient(loss, [primary] + self._capsule_variables())
         return out, losses, grads[0], grads[1:]
 
