@@ -1,4 +1,5 @@
-"""JSON records that another process may read at any moment, or a later run read back."""
+"""Files that another process may read at any moment, or a later run read back: written whole
+or not at all."""
 import json
 import os
 from pathlib import Path
@@ -6,20 +7,28 @@ from pathlib import Path
 from capstf.errors import CapstfError, RuntimeFailure
 
 
-def write_json(path, value, indent=2):
-    """Writes `value` to `path` so that a reader sees the old file or the new one, never a
-    partial one: a worker reads config.json while the chief rewrites it at every start, and a
-    rerun reads what a killed run was writing. A write that fails (a full disk, a read-only
-    folder) is a RuntimeFailure that leaves the old file as it was and no scratch file behind."""
+def write_atomically(path, write):
+    """Calls write(scratch), which creates the file at the Path `scratch` beside `path`, then renames
+    it to `path`, so that a reader sees the old file or the new one, never a partial one: a worker
+    reads config.json while the chief rewrites it at every start, and a rerun reads what a killed
+    run was writing. A missing folder is a CapstfError; a write that fails (a full disk, a
+    read-only folder) is a RuntimeFailure that leaves the old file as it was and no scratch file."""
     path = Path(path)
+    if not path.resolve().parent.is_dir():
+        raise CapstfError(f"Cannot write {path}: folder {path.resolve().parent} does not exist.")
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        scratch.write_text(json.dumps(value, indent=indent) + "\n")
+        write(scratch)
         os.replace(scratch, path)  # atomic within one file system
     except OSError as e:
         scratch.unlink(missing_ok=True)
         raise RuntimeFailure(f"Cannot write {path} ({e.strerror or e}); what was there before is "
                              "unchanged: free space or fix the folder, then rerun.") from None
+
+
+def write_json(path, value, indent=2):
+    """Writes `value` to `path` as JSON with `write_atomically`."""
+    write_atomically(path, lambda scratch: scratch.write_text(json.dumps(value, indent=indent) + "\n"))
 
 
 def read_json(path) -> dict:

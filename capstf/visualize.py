@@ -1,6 +1,4 @@
 """`capstf visualize`: the paper's figures 3, 4 and 5 as PNG files, drawn with Pillow."""
-from pathlib import Path
-
 import numpy as np
 import tensorflow as tf
 from PIL import Image, ImageDraw
@@ -10,8 +8,9 @@ from capstf.checkpoints import restore_for_inference
 from capstf.data.datasets import make_dataset
 from capstf.data.inspect import viewable
 from capstf.data.sources import load_examples
-from capstf.errors import CapstfError, RuntimeFailure
+from capstf.errors import CapstfError
 from capstf.evaluate import check_dataset_fits
+from capstf.files import write_atomically
 
 SCALE = 3        # pixels per image pixel
 CAPTION = 12     # caption height in pixels
@@ -97,13 +96,7 @@ def _examples(cfg, count, seed=0):
 
 
 def _save(image, out):
-    folder = Path(out).resolve().parent
-    if not folder.is_dir():
-        raise CapstfError(f"Cannot write {out}: folder {folder} does not exist.")
-    try:
-        image.save(out, format="PNG")
-    except OSError as e:
-        raise RuntimeFailure(f"Cannot write {out}: {e}.") from None
+    write_atomically(out, lambda scratch: image.save(scratch, format="PNG"))
     return {"out": str(out), "width": image.width, "height": image.height}
 
 

@@ -1,10 +1,13 @@
+import errno
 import gzip
 import shutil
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from click.testing import CliRunner
 
+from capstf.cli import main
 from capstf.config import DataConfig
 from capstf.data.datasets import affine_warp, ink_box, make_dataset
 from capstf.data.sources import Examples, load_examples
@@ -314,3 +317,35 @@ def test_multimnist_refuses_digits_without_every_class(train_digits):
     digits = Examples(train_digits.images[no_nines], train_digits.labels[no_nines])
     with pytest.raises(CapstfError, match="the train digits hold no 9"):
         make_dataset(DataConfig(dataset="multimnist", max_shift=4), digits, "train", 8, seed=0)
+
+
+def test_capstf_data_writes_the_examples_it_names_and_their_contact_sheet(tmp_path, test_digits):
+    from PIL import Image
+    out, png = tmp_path / "digits.dat", tmp_path / "digits.png"  # not .npz: the file is still `out`
+    result = CliRunner().invoke(main, ["data", "--dataset", "mnist", "--data-dir", "sample", "--split", "test",
+                                       "--count", "8", "--out", str(out), "--png", str(png)])
+    assert result.exit_code == 0, result.output
+    saved = np.load(out)
+    assert saved["images"].shape == (8, 28, 28, 1) and saved["labels"].shape == (8,)
+    for image, label in zip(saved["images"][..., 0], saved["labels"]):  # each a test digit, its own label
+        matches = source_index(test_digits, image)
+        assert len(matches) and test_digits.labels[matches[0]] == label
+    assert Image.open(png).size == (2 + 8 * (28 + 2), 2 + 28 + 2)  # one row of 8 tiles, 2-pixel gaps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.dat", "digits.png"]
+
+
+def test_a_failed_write_is_one_line_and_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    from PIL import Image
+    png = tmp_path / "sheet.png"
+    png.write_bytes(b"the sheet of an earlier run")
+
+    def write_half_then_fail(image, fp, format=None, **kwargs):
+        open(fp, "wb").write(b"\x89PNG half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(Image.Image, "save", write_half_then_fail)
+    result = CliRunner().invoke(main, ["data", "--dataset", "mnist", "--data-dir", "sample", "--count", "4",
+                                       "--out", str(tmp_path / "digits.npz"), "--png", str(png)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("capstf: error: Cannot write") and "No space left on device" in result.output
+    assert png.read_bytes() == b"the sheet of an earlier run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.npz", "sheet.png"]  # no scratch file

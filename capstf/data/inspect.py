@@ -1,9 +1,8 @@
 """`capstf data`: generated examples as .npz, and a contact sheet to look at."""
-from pathlib import Path
-
 import numpy as np
 
 from capstf.errors import CapstfError
+from capstf.files import write_atomically
 
 
 def write_examples(dataset, data_dir, split, count, seed, out, png=None) -> dict:
@@ -17,19 +16,16 @@ def write_examples(dataset, data_dir, split, count, seed, out, png=None) -> dict
     examples = load_examples(cfg.data.data_dir, split, dataset)
     batch = next(iter(make_dataset(cfg.data, examples, split, count, seed, limit=count)))
     arrays = {k: v.numpy() for k, v in batch.items()}
-    _writable(out)
-    np.savez_compressed(out, images=arrays["image"], labels=arrays["label"],
-                        **({"components": arrays["components"]} if "components" in arrays else {}))
+    saved = {"images": arrays["image"], "labels": arrays["label"],
+             **({"components": arrays["components"]} if "components" in arrays else {})}
+
+    def write_npz(scratch):
+        with scratch.open("wb") as f:  # a file, not a name: np.savez would add ".npz" to other names
+            np.savez_compressed(f, **saved)
+    write_atomically(out, write_npz)
     if png:
-        _writable(png)
-        contact_sheet(arrays["image"]).save(png)
+        write_atomically(png, lambda scratch: contact_sheet(arrays["image"]).save(scratch, format="PNG"))
     return {"out": str(out), "png": png, "count": len(arrays["label"]), "shape": list(arrays["image"].shape)}
-
-
-def _writable(path):
-    folder = Path(path).resolve().parent
-    if not folder.is_dir():
-        raise CapstfError(f"Cannot write {path}: folder {folder} does not exist.")
 
 
 def viewable(image) -> np.ndarray:
