@@ -236,46 +236,54 @@ CHOICES = {"train.jit": ("auto", "routing", "step", "off"),
            "train.schedule": ("exponential", "cosine"),
            "model.kind": ("capsnet", "baseline"),
            "model.routing_gradients": ROUTING_GRADIENTS}
+AT_LEAST_1 = ("train.batch_size", "train.checkpoint_every", "train.decay_steps", "train.log_every",
+              "train.keep_checkpoints", "data.partners_per_digit", "model.routing_iters", "model.conv1_filters",
+              "model.primary_caps_types", "model.primary_caps_dim", "model.digit_caps_dim", "model.baseline_hidden")
+AT_LEAST_0 = ("train.eval_examples", "model.reconstruction_weight", "data.validation_digits", "data.max_shift",
+              "data.max_brightness_delta", "data.train_max_rotation_deg", "data.train_rotate_scale_epochs",
+              "data.max_rotation_deg", "data.max_shear")
+FROM_0_BELOW_1 = ("data.train_max_scale_change", "data.max_contrast_change")
+
+
+def _setting(cfg, key):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def validate(cfg: Config):
     """Checks ranges and fills the model's input settings from the data set."""
     for key, allowed in CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise CapstfError(f"{key}={value!r}: choose one of {', '.join(allowed)}.")
+        if _setting(cfg, key) not in allowed:
+            raise CapstfError(f"{key}={_setting(cfg, key)!r}: choose one of {', '.join(allowed)}.")
     check_dataset_name(cfg.data.dataset)
-    positive = {"train.batch_size": cfg.train.batch_size, "model.routing_iters": cfg.model.routing_iters,
-                "train.checkpoint_every": cfg.train.checkpoint_every,
-                "data.partners_per_digit": cfg.data.partners_per_digit,
-                "train.decay_steps": cfg.train.decay_steps, "train.log_every": cfg.train.log_every,
-                "model.baseline_hidden": cfg.model.baseline_hidden}
-    for key, value in positive.items():
-        if value < 1:
-            raise CapstfError(f"{key} must be at least 1, got {value}.")
-    if cfg.data.validation_digits < 0:
-        raise CapstfError(f"data.validation_digits must be at least 0, got {cfg.data.validation_digits}.")
-    if cfg.train.steps < 0 or cfg.train.epochs < 0 or (cfg.train.steps == 0 and cfg.train.epochs == 0):
+    for key in AT_LEAST_1:
+        if _setting(cfg, key) < 1:
+            raise CapstfError(f"{key} must be at least 1, got {_setting(cfg, key)}.")
+    for key in AT_LEAST_0:
+        if _setting(cfg, key) < 0:
+            raise CapstfError(f"{key} must be at least 0, got {_setting(cfg, key)}.")
+    for key in FROM_0_BELOW_1:
+        if not 0 <= _setting(cfg, key) < 1:
+            raise CapstfError(f"{key} must be in [0, 1), got {_setting(cfg, key)}.")
+    data, train = cfg.data, cfg.train
+    if not 0 < train.learning_rate < 1:
+        raise CapstfError(f"train.learning_rate must be in (0, 1), got {train.learning_rate}.")
+    if not 0 < train.decay_rate <= 1:  # 0 stops training after one step; above 1 the rate grows
+        raise CapstfError(f"train.decay_rate must be in (0, 1], got {train.decay_rate}.")
+    if not 0 < data.min_scale <= data.max_scale:
+        raise CapstfError(f"data.min_scale and data.max_scale must satisfy 0 < min_scale <= max_scale, got "
+                          f"{data.min_scale} and {data.max_scale}.")
+    if train.steps < 0 or train.epochs < 0 or (train.steps == 0 and train.epochs == 0):
         raise CapstfError("Train for a positive number of --steps or --epochs.")
-    if min(cfg.data.train_max_rotation_deg, cfg.data.train_rotate_scale_epochs) < 0 or \
-            not 0 <= cfg.data.train_max_scale_change < 1:
-        raise CapstfError("data.train_max_rotation_deg and data.train_rotate_scale_epochs must be at "
-                          "least 0, and data.train_max_scale_change in [0, 1).")
-    if (cfg.data.train_max_rotation_deg or cfg.data.train_max_scale_change) and \
-            cfg.data.dataset not in ("mnist", "expanded-mnist"):
+    if (data.train_max_rotation_deg or data.train_max_scale_change) and \
+            data.dataset not in ("mnist", "expanded-mnist"):
         raise CapstfError("Training rotation and scaling are for --dataset mnist and expanded-mnist only.")
-    if not 0 < cfg.train.learning_rate < 1:
-        raise CapstfError(f"train.learning_rate must be in (0, 1), got {cfg.train.learning_rate}.")
-    if cfg.data.max_shift < 0 or cfg.data.max_brightness_delta < 0 or not 0 <= cfg.data.max_contrast_change < 1:
-        raise CapstfError("data.max_shift and data.max_brightness_delta must be at least 0, and "
-                          "data.max_contrast_change in [0, 1).")
-    if (cfg.data.random_flip or cfg.data.max_brightness_delta or cfg.data.max_contrast_change) and \
-            not is_image_set(cfg.data.dataset):
+    if (data.random_flip or data.max_brightness_delta or data.max_contrast_change) and \
+            not is_image_set(data.dataset):
         raise CapstfError("data.random_flip, data.max_brightness_delta and data.max_contrast_change are for "
                           f"the TFDS image data sets ({', '.join(TFDS_IMAGE_SETS)}, {TFDS_PREFIX}NAME).")
-    if cfg.data.dataset in DATASETS:  # a tfds: data set's shape is filled in once it is loaded
-        fit_model_to(cfg.model, DATASETS[cfg.data.dataset])
+    if data.dataset in DATASETS:  # a tfds: data set's shape is filled in once it is loaded
+        fit_model_to(cfg.model, DATASETS[data.dataset])
 
 
 def save(cfg: Config, model_dir: Path):

@@ -109,6 +109,12 @@ def test_multimnist_trains_and_scores_both_digits(tmp_path):
     (["train", "--dataset", "mnist", "--set", "train.steps=many"], "expected an integer"),
     (["train", "--dataset", "mnist", "--recipe", "nope"], "No recipe 'nope'"),
     (["train", "--dataset", "multimnist", "--set", "data.train_max_rotation_deg=10"], "for --dataset mnist and expanded-mnist only"),
+    (["train", "--dataset", "mnist", "--set", "train.keep_checkpoints=0"], "keep_checkpoints must be at least 1"),
+    (["train", "--dataset", "mnist", "--set", "model.primary_caps_dim=0"], "primary_caps_dim must be at least 1"),
+    (["train", "--dataset", "mnist", "--set", "model.reconstruction_weight=-1"], "reconstruction_weight must be at least 0"),
+    (["train", "--dataset", "mnist", "--set", "train.eval_examples=-1"], "eval_examples must be at least 0"),
+    (["train", "--dataset", "mnist", "--set", "train.decay_rate=0"], "decay_rate must be in (0, 1]"),
+    (["train", "--dataset", "expanded-mnist", "--set", "data.min_scale=1.3"], "0 < min_scale <= max_scale"),
     (["evaluate", "--model-dir", "/no/such/model"], "no trained model"),
 ])
 def test_bad_input_gives_a_clear_error(args, message, tmp_path):
