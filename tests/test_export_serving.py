@@ -1,6 +1,7 @@
 """Export a small trained model, load it without capstf, compare SavedModel, in-memory and
 ONNX outputs, and exercise the gRPC client against `capstf serve` on loopback."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from capstf.cli import main
 from capstf.errors import CapstfError
 from capstf.export import export
 from capstf.serving import client
-from capstf.serving.server import start_server
+from capstf.serving.server import load_servables, start_server
 from capstf.checkpoints import restore_for_inference
 
 
@@ -199,3 +200,21 @@ def test_a_truncated_npy_file_is_a_clear_error(tmp_path):
     result = CliRunner().invoke(main, ["predict", "--server", "127.0.0.1:1", str(tmp_path / "digits.npy")])
     assert result.exit_code == 2 and "digits.npy: not a readable .npy array" in result.output
     assert "Traceback" not in result.output
+
+
+def test_an_npy_file_of_text_is_a_clear_error(tmp_path):
+    np.save(tmp_path / "labels.npy", np.array([["7", "2"], ["1", "0"]]))
+    result = CliRunner().invoke(main, ["predict", "--server", "127.0.0.1:1", str(tmp_path / "labels.npy")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "labels.npy: expected pixel values (integers or floats), got dtype <U1" in result.output
+
+
+@pytest.mark.parametrize("damaged", ["saved_model.pb", "variables/variables.data-00000-of-00001"])
+def test_a_damaged_export_is_a_clear_error_when_serving_starts(exported, tmp_path, damaged):
+    root, _, _ = exported
+    shutil.copytree(root / "out" / "capsnet" / "1", tmp_path / "capsnet" / "1")
+    path = tmp_path / "capsnet" / "1" / damaged
+    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])  # a copy cut short
+    expected = re.escape(f"{tmp_path / 'capsnet' / '1'} is not a readable SavedModel (")
+    with pytest.raises(CapstfError, match="^" + expected):
+        load_servables(tmp_path)  # what `capstf serve` starts with: its CapstfError is the CLI's one line

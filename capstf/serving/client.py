@@ -34,6 +34,8 @@ def read_images(paths) -> tuple:
                 array = np.load(path, allow_pickle=False)
             except (ValueError, EOFError, OSError) as e:  # EOFError: a truncated file
                 raise CapstfError(f"{path}: not a readable .npy array ({e or 'the file is truncated'}).") from None
+            if array.dtype.kind not in "biuf":  # bool, integers, floats: pixels; not text or complex
+                raise CapstfError(f"{path}: expected pixel values (integers or floats), got dtype {array.dtype}.")
         else:  # IDX, raw or gzipped
             array = read_idx(path, IMAGES_MAGIC)
         array = array[None] if array.ndim == 2 else array

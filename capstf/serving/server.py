@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import tensorflow as tf
+from google.protobuf.message import DecodeError
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
@@ -41,7 +42,12 @@ def load_servables(export_dir) -> dict:
         versions = sorted((int(v.name), v) for v in model.iterdir()
                           if v.name.isdigit() and (v / "saved_model.pb").is_file())
         if versions:
-            servables[model.name] = Servable(model.name, *versions[-1])
+            version, path = versions[-1]
+            try:
+                servables[model.name] = Servable(model.name, version, path)
+            except (OSError, ValueError, IndexError, tf.errors.OpError, DecodeError) as e:  # a truncated file
+                raise CapstfError(f"{path} is not a readable SavedModel ({_first_line(e)}); export the model "
+                                  "again, or remove that version to serve the one before.") from None
     if not servables:
         raise CapstfError(f"{root} holds no exported model (expected {root}/<name>/<version>/saved_model.pb).")
     return servables
