@@ -14,8 +14,9 @@ def write_atomically(path, write):
     run was writing. A missing folder is a CapstfError; a write that fails (a full disk, a
     read-only folder) is a RuntimeFailure that leaves the old file as it was and no scratch file."""
     path = Path(path)
-    if not path.resolve().parent.is_dir():
-        raise CapstfError(f"Cannot write {path}: folder {path.resolve().parent} does not exist.")
+    folder = path.resolve().parent
+    if not folder.is_dir():
+        raise CapstfError(f"Cannot write {path}: folder {folder} does not exist.")
     scratch = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(scratch)
