@@ -10,7 +10,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from capstf import config as config_lib
-from capstf.errors import CapstfError, RuntimeFailure
+from capstf.errors import CapstfError, RuntimeFailure, first_line
 from capstf.model import build_model
 
 
@@ -48,8 +48,7 @@ def restore_newest_readable(checkpoint, paths, model_dir):
         try:
             status = checkpoint.restore(path)
         except (tf.errors.OpError, ValueError, IndexError) as e:  # what a truncated or missing file raises
-            reason = getattr(e, "message", str(e)).strip().splitlines()[0]
-            warn(f"checkpoint {path} is unreadable ({reason}); falling back to the one before it.")
+            warn(f"checkpoint {path} is unreadable ({first_line(e)}); falling back to the one before it.")
             continue
         return path, status
     if paths:

@@ -1,4 +1,4 @@
-"""The exceptions the CLI turns into one clear line on stderr and an exit code."""
+"""The exceptions the CLI turns into one clear line on stderr and an exit code, and the reason they quote."""
 
 
 class CapstfError(Exception):
@@ -14,3 +14,10 @@ class RuntimeFailure(CapstfError):
 class Preempted(RuntimeFailure):
     """Training stopped on SIGTERM after checkpointing its last step; the same command resumes it."""
     exit_code = 143  # 128 + SIGTERM, what schedulers expect of a process that stopped on SIGTERM
+
+
+def first_line(error) -> str:
+    """The first line of an exception's message (TensorFlow's run on for pages), or its type's name
+    if it has none: the reason to quote in a one-line error."""
+    message = (getattr(error, "message", None) or str(error)).strip()
+    return message.splitlines()[0][:500] if message else type(error).__name__

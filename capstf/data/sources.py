@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional, Tuple
 import numpy as np
 
 from capstf.config import TFDS_PREFIX, is_image_set
-from capstf.errors import CapstfError, RuntimeFailure
+from capstf.errors import CapstfError, RuntimeFailure, first_line
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
 IDX_FILES = {  # split -> (images, labels), as MNIST names them
@@ -173,8 +173,7 @@ def _builder(name: str, data_dir: str):
     try:
         return _tfds().builder(name, data_dir=data_dir or None)
     except Exception as e:  # DatasetNotFoundError, a bad config name, ...: all mean "no such data set"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CapstfError(f"TFDS has no data set {name!r} ({reason}).") from None
+        raise CapstfError(f"TFDS has no data set {name!r} ({first_line(e)}).") from None
 
 
 def tfds_images(dataset: str, data_dir: str = "") -> TfdsImages:

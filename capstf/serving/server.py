@@ -15,7 +15,7 @@ from google.protobuf.message import DecodeError
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
-from capstf.errors import CapstfError, RuntimeFailure
+from capstf.errors import CapstfError, RuntimeFailure, first_line
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_BATCH = 1024
@@ -46,7 +46,7 @@ def load_servables(export_dir) -> dict:
             try:
                 servables[model.name] = Servable(model.name, version, path)
             except (OSError, ValueError, IndexError, tf.errors.OpError, DecodeError) as e:  # a truncated file
-                raise CapstfError(f"{path} is not a readable SavedModel ({_first_line(e)}); export the model "
+                raise CapstfError(f"{path} is not a readable SavedModel ({first_line(e)}); export the model "
                                   "again, or remove that version to serve the one before.") from None
     if not servables:
         raise CapstfError(f"{root} holds no exported model (expected {root}/<name>/<version>/saved_model.pb).")
@@ -94,7 +94,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             with self.lock:
                 outputs = signature(**{input_name: tf.constant(array)})
         except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, _first_line(e))
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, first_line(e))
         response = predict_pb2.PredictResponse()
         response.model_spec.name, response.model_spec.signature_name = servable.name, signature_name
         response.model_spec.version.value = servable.version
@@ -118,11 +118,6 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             signatures.signature_def[key].CopyFrom(value)
         response.metadata["signature_def"].Pack(signatures)
         return response
-
-
-def _first_line(error) -> str:
-    message = getattr(error, "message", None) or str(error)
-    return message.strip().splitlines()[0][:500]
 
 
 def start_server(export_dir, host="127.0.0.1", port=8500, workers=4):
