@@ -27,9 +27,14 @@ def write_atomically(path, write):
                              "unchanged: free space or fix the folder, then rerun.") from None
 
 
+def write_text(path, text):
+    """Writes `text` to `path` with `write_atomically`."""
+    write_atomically(path, lambda scratch: scratch.write_text(text))
+
+
 def write_json(path, value, indent=2):
     """Writes `value` to `path` as JSON with `write_atomically`."""
-    write_atomically(path, lambda scratch: scratch.write_text(json.dumps(value, indent=indent) + "\n"))
+    write_text(path, json.dumps(value, indent=indent) + "\n")
 
 
 def read_json(path) -> dict:

@@ -42,7 +42,7 @@ from capstf import config as config_lib
 from capstf.checkpoints import list_checkpoints, training_progress
 from capstf.errors import CapstfError
 from capstf.evaluate import measure
-from capstf.files import read_json, write_json
+from capstf.files import read_json, write_json, write_text
 from capstf.train import train
 
 METRICS = ("error", "accuracy")
@@ -242,7 +242,7 @@ def run_study(name, runs_dir="runs", data_dir=None, runlocal=False, only: Sequen
         write_json(record_path, record, indent=1)
     results = collect_results(study, out_dir, test)
     write_json(out_dir / "results.json", results)
-    (out_dir / "results.md").write_text(results_markdown(results))
+    write_text(out_dir / "results.md", results_markdown(results))
     return results
 
 

@@ -65,6 +65,22 @@ def test_a_rerun_skips_scored_runs_and_resumes_unfinished_ones(tmp_path):
     assert (run_dir / "study_run.json").stat().st_mtime_ns == record
 
 
+def test_a_results_table_that_cannot_be_written_is_one_line_and_keeps_the_scored_runs(tmp_path):
+    results_md = tmp_path / "table1" / "results.md"
+    results_md.mkdir(parents=True)  # in the way of the table, as a full disk or a read-only file would be
+    result = CliRunner().invoke(main, ["study", "table1", "--only", "mnist-r1", "--runlocal", "--data-dir", "sample",
+                                       "--runs-dir", str(tmp_path), "--set", "train.steps=2"])
+    assert result.exit_code == 1 and f"capstf: error: Cannot write {results_md}" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
+    assert (tmp_path / "table1" / "mnist-r1" / "study_run.json").is_file()  # the scored run is kept
+    assert (tmp_path / "table1" / "results.json").is_file()
+    results_md.rmdir()
+    rerun = CliRunner().invoke(main, ["study", "table1", "--only", "mnist-r1", "--runlocal", "--data-dir", "sample",
+                                      "--runs-dir", str(tmp_path)])
+    assert rerun.exit_code == 0 and "mnist-r1: trained and scored earlier" in rerun.output
+    assert "| CapsNet, routing 1, reconstruction | mnist | " in results_md.read_text()
+
+
 def test_trials_train_each_run_from_successive_seeds_and_report_mean_and_spread(tmp_path, test_digits):
     run = "mnist-r1-no-reconstruction"
     results = run_study("table1", tmp_path, "sample", runlocal=True, only=(run,), trials=3, log=lambda msg: None)
