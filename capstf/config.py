@@ -253,18 +253,18 @@ def _setting(cfg, key):
 def validate(cfg: Config):
     """Checks ranges and fills the model's input settings from the data set."""
     for key, allowed in CHOICES.items():
-        if _setting(cfg, key) not in allowed:
-            raise CapstfError(f"{key}={_setting(cfg, key)!r}: choose one of {', '.join(allowed)}.")
+        if (value := _setting(cfg, key)) not in allowed:
+            raise CapstfError(f"{key}={value!r}: choose one of {', '.join(allowed)}.")
     check_dataset_name(cfg.data.dataset)
     for key in AT_LEAST_1:
-        if _setting(cfg, key) < 1:
-            raise CapstfError(f"{key} must be at least 1, got {_setting(cfg, key)}.")
+        if (value := _setting(cfg, key)) < 1:
+            raise CapstfError(f"{key} must be at least 1, got {value}.")
     for key in AT_LEAST_0:
-        if _setting(cfg, key) < 0:
-            raise CapstfError(f"{key} must be at least 0, got {_setting(cfg, key)}.")
+        if (value := _setting(cfg, key)) < 0:
+            raise CapstfError(f"{key} must be at least 0, got {value}.")
     for key in FROM_0_BELOW_1:
-        if not 0 <= _setting(cfg, key) < 1:
-            raise CapstfError(f"{key} must be in [0, 1), got {_setting(cfg, key)}.")
+        if not 0 <= (value := _setting(cfg, key)) < 1:
+            raise CapstfError(f"{key} must be in [0, 1), got {value}.")
     data, train = cfg.data, cfg.train
     if not 0 < train.learning_rate < 1:
         raise CapstfError(f"train.learning_rate must be in (0, 1), got {train.learning_rate}.")
