@@ -12,9 +12,9 @@ import threading
 import time
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow import keras
 from tqdm import tqdm
 
 from capstf import config as config_lib

@@ -2,10 +2,10 @@
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow import keras
 
 import capstf.layers as caps
 from capstf.config import ModelConfig

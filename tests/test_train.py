@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -70,7 +71,7 @@ def test_fused_adam_updates_like_keras_adam():
     start = [rng.normal(size=s).astype("float32") for s in [(3, 4), (5,)]]
     grads = [[rng.normal(size=w.shape).astype("float32") for w in start] for _ in range(5)]
     results = []
-    for optimizer in (tf.keras.optimizers.Adam(1e-2), FusedAdam(1e-2)):
+    for optimizer in (keras.optimizers.Adam(1e-2), FusedAdam(1e-2)):
         variables = [tf.Variable(w) for w in start]
         for g in grads:
             optimizer.apply_gradients(zip(g, variables))
@@ -289,7 +290,6 @@ def one_step_update(model, optimizer, strategy, batch):
 def test_mirrored_replicas_compute_the_one_device_sgd_step(step_batch):
     """Plain SGD: a replica averaging its loss over its own half of the batch would double the
     gradient (Adam's normalisation would hide that)."""
-    from tensorflow import keras
     from capstf.model import build_model
     cfg = small_config()
     results = []
@@ -310,7 +310,6 @@ def test_the_loss_scaled_float16_step_applies_the_float32_gradient(step_batch):
     """mixed_float16, the default on 7.x GPUs: the loss scale enters the compiled capsule
     gradients and, through them, the convolutions' chained gradient; the optimizer must see it
     undone. Scaled twice, or never, every update is off by the scale (256x here)."""
-    from tensorflow import keras
     from capstf.model import build_model
     cfg = small_config()
     strategy = tf.distribute.OneDeviceStrategy("/cpu:0")

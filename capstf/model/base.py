@@ -1,6 +1,6 @@
 """What training needs of a model beyond Keras': per-example losses and their gradients."""
+import keras
 import tensorflow as tf
-from tensorflow import keras
 
 
 class Model(keras.Model):

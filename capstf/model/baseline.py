@@ -5,8 +5,8 @@ On 40x40 inputs (the affNIST test) the same head would hold 67M parameters: ther
 `baseline_pool` max-pools 2x2 after the first two convolutions and `baseline_hidden` sets the
 first FC width, to match the CapsNet's parameter count.
 """
+import keras
 import tensorflow as tf
-from tensorflow import keras
 
 from capstf.model.base import Model
 

@@ -3,8 +3,8 @@
 The paper's MNIST model has 8,215,568 parameters (no DigitCaps bias; 6,804,224 without the
 decoder); on 36x36 MultiMNIST inputs it has 11,361,808.
 """
+import keras
 import tensorflow as tf
-from tensorflow import keras
 
 from capstf import losses
 from capstf.layers import CapsuleLength, CapsuleMask, Conv, DigitCapsules, PrimaryCapsules
