@@ -166,8 +166,14 @@ def parse_settings(settings):
               help="Train each run N times, trial K with seed S+K-1 (S: its train.seed, 0 unless set) in "
                    "RUNS_DIR/NAME/<run>-trialK/ (trial 1 in <run>/), and report each figure's mean and "
                    "standard deviation; the paper's Table 1 averages 3 trials.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train up to N runs (trials) at once, each in a process of its own with its output in "
+                   "RUNS_DIR/NAME/logs/: for GPUs (several runs share one; with several GPUs each gets the "
+                   "least used). On a CPU the runs would only share its cores.")
+@click.option("--trial", type=click.IntRange(min=1), default=None, hidden=True,
+              help="Train only trial K: what each of --jobs' processes runs.")
 @clear_errors
-def study(name, runs_dir, data_dir, runlocal, only, settings, trials):
+def study(name, runs_dir, data_dir, runlocal, only, settings, trials, jobs, trial):
     """Run one of the paper's experiments (pipelines/studies/NAME.toml: table1, affnist), or
     mnist-settings (settings compared on held-out training digits): train and score each of its
     runs, resuming unfinished ones, and write RUNS_DIR/NAME/results.md and results.json.
@@ -177,8 +183,14 @@ def study(name, runs_dir, data_dir, runlocal, only, settings, trials):
     """
     from capstf.study import results_markdown, run_study
     runs = tuple(r.strip() for r in only.split(",") if r.strip())
+
+    def worker_command(run_name, trial_number):  # this command, for one trial of one run
+        return [sys.executable, "-m", "capstf.cli", "study", name, "--runs-dir", runs_dir, "--only", run_name,
+                "--trial", str(trial_number), *(["--data-dir", data_dir] if data_dir else []),
+                *(["--runlocal"] if runlocal else []), *[arg for s in settings for arg in ("--set", s)]]
     results = run_study(name, runs_dir, data_dir, runlocal, runs, parse_settings(settings),
-                        log=lambda msg: click.echo(msg, err=True), trials=trials)
+                        log=lambda msg: click.echo(msg, err=True), trials=trials, trial=trial, jobs=jobs,
+                        worker_command=worker_command)
     click.echo(results_markdown(results))
 
 

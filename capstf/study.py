@@ -25,7 +25,9 @@ beside the paper's, with the examples seen and the training time behind it.
 
 The paper averages Table 1 over 3 trials; `trials=3` trains each run twice more, from seeds 1
 and 2 above its own, in NAME-trial2/ and NAME-trial3/, and reports each figure as the mean and
-standard deviation of every scored trial, with each trial's value.
+standard deviation of every scored trial, with each trial's value. `jobs=N` trains up to N
+trials at once, each in a process of its own (capstf.parallel): for GPUs, which one run leaves
+mostly idle.
 
 With match_checkpoints_on, every run keeps all its checkpoints and each is scored on every test
 set; the runs are then compared at the checkpoints whose accuracy on that test set is closest to
@@ -36,13 +38,14 @@ import statistics
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from capstf import config as config_lib
 from capstf.checkpoints import list_checkpoints, training_progress
-from capstf.errors import CapstfError
+from capstf.errors import CapstfError, RuntimeFailure
 from capstf.evaluate import measure
 from capstf.files import read_json, write_json, write_text
+from capstf.parallel import run_in_processes
 from capstf.train import train
 
 METRICS = ("error", "accuracy")
@@ -203,9 +206,15 @@ def scored_trials(out_dir: Path, run_name: str):
 
 
 def run_study(name, runs_dir="runs", data_dir=None, runlocal=False, only: Sequence[str] = (),
-              overrides: Optional[Mapping] = None, log=print, trials: int = 1) -> dict:
+              overrides: Optional[Mapping] = None, log=print, trials: int = 1, trial: Optional[int] = None,
+              jobs: int = 1, worker_command: Optional[Callable[[str, int], List[str]]] = None) -> dict:
     """Trains and scores the study's runs (or those in `only`), each `trials` times from
-    successive seeds; writes results.md and .json."""
+    successive seeds (or only trial `trial`); writes results.md and .json.
+
+    jobs > 1: up to `jobs` trials train at once, each in a process of its own running
+    worker_command(run name, trial) (a command that trains and scores that one trial), with its
+    output in <runs dir>/<study>/logs/; trials that fail are named once the others are reported.
+    """
     study = load_study(name)
     unknown = [r for r in only if r not in study.runs]
     if unknown:
@@ -221,29 +230,46 @@ def run_study(name, runs_dir="runs", data_dir=None, runlocal=False, only: Sequen
         raise CapstfError(f"Study {study.name} is scored on held-out training digits, but run(s) "
                           f"{', '.join(holding_none)} hold none: set data.validation_digits.")
     # Trial by trial, so that a study stopped early has whole trials to compare.
-    configs = {(run_name, trial): cfg if trial == 1 else run_config(
-        study, study.runs[run_name], data_dir, runlocal, {**(overrides or {}), "train.seed": cfg.train.seed + trial - 1})
-        for trial in range(1, trials + 1) for run_name, cfg in first.items()}
-    for (run_name, trial), cfg in configs.items():
-        run, run_dir = study.runs[run_name], trial_dir(out_dir, run_name, trial)
-        record_path = run_dir / "study_run.json"
-        if record_path.is_file():
-            log(f"{run_dir.name}: trained and scored earlier ({record_path}); skipped.")
-            continue
-        log(f"{run_dir.name}: training {cfg.recipe} (seed {cfg.train.seed}) in {run_dir}")
-        train(cfg, run_dir)
-        record = {"run": run_name, "trial": trial, "seed": cfg.train.seed, "recipe": cfg.recipe,
-                  "settings": run.settings, "overrides": dict(overrides or {})}
-        if study.match_checkpoints_on:
-            record["checkpoint_scores"] = score_every_checkpoint(run, run_dir, test, log)
-        else:
-            step, path = list_checkpoints(run_dir)[-1]
-            record["checkpoint_scores"] = {step: {"checkpoint": path, **score_checkpoint(run, run_dir, test, path)}}
-        write_json(record_path, record, indent=1)
+    pending = {}  # (run name, trial) -> config
+    for number in [trial] if trial else range(1, trials + 1):
+        for run_name, cfg in first.items():
+            record_path = trial_dir(out_dir, run_name, number) / "study_run.json"
+            if record_path.is_file():
+                log(f"{record_path.parent.name}: trained and scored earlier ({record_path}); skipped.")
+            else:
+                pending[run_name, number] = cfg if number == 1 else run_config(
+                    study, study.runs[run_name], data_dir, runlocal,
+                    {**(overrides or {}), "train.seed": cfg.train.seed + number - 1})
+    failed = {}
+    if jobs > 1 and pending:
+        failed = run_in_processes([(trial_dir(out_dir, run_name, number).name, worker_command(run_name, number))
+                                   for run_name, number in pending], jobs, out_dir / "logs", log)
+    else:
+        for (run_name, number), cfg in pending.items():
+            train_and_score(study, study.runs[run_name], number, cfg, trial_dir(out_dir, run_name, number),
+                            test, overrides, log)
     results = collect_results(study, out_dir, test)
     write_json(out_dir / "results.json", results)
     write_text(out_dir / "results.md", results_markdown(results))
+    if failed:
+        raise RuntimeFailure(f"{len(failed)} of {len(pending)} trainings failed, the others are in "
+                             f"{out_dir / 'results.md'}: " + "; ".join(f"{name} ({why})" for name, why in failed.items())
+                             + f". Logs in {out_dir / 'logs'}; rerun to retry them.")
     return results
+
+
+def train_and_score(study: Study, run: Run, trial: int, cfg, run_dir: Path, test: Mapping, overrides, log):
+    """Trains one trial of a run (resuming it) and scores it; its record marks it done."""
+    log(f"{run_dir.name}: training {cfg.recipe} (seed {cfg.train.seed}) in {run_dir}")
+    train(cfg, run_dir)
+    record = {"run": run.name, "trial": trial, "seed": cfg.train.seed, "recipe": cfg.recipe,
+              "settings": run.settings, "overrides": dict(overrides or {})}
+    if study.match_checkpoints_on:
+        record["checkpoint_scores"] = score_every_checkpoint(run, run_dir, test, log)
+    else:
+        step, path = list_checkpoints(run_dir)[-1]
+        record["checkpoint_scores"] = {step: {"checkpoint": path, **score_checkpoint(run, run_dir, test, path)}}
+    write_json(run_dir / "study_run.json", record, indent=1)
 
 
 def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:

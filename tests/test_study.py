@@ -1,5 +1,10 @@
 """`capstf study`: the paper's experiments as one command (tiny --runlocal runs on the sample)."""
 import json
+import re
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -100,6 +105,48 @@ def test_trials_train_each_run_from_successive_seeds_and_report_mean_and_spread(
     again = run_study("table1", tmp_path, "sample", runlocal=True, only=(run,), log=messages.append)
     assert any("skipped" in m for m in messages) and not any(": training " in m for m in messages)
     assert next(c for c in again["cells"] if c["run"] == run)["trials"] == cell["trials"]
+
+
+def study_args(tmp_path, *extra):
+    return ["study", "table1", "--runs-dir", str(tmp_path), "--data-dir", "sample", "--runlocal", *extra]
+
+
+def test_jobs_train_trials_at_once_in_processes_of_their_own_and_name_the_one_that_failed(tmp_path):
+    out = tmp_path / "table1"
+    out.mkdir()
+    (out / "mnist-r1-trial3").write_text("")  # a file where trial 3 would train: that one fails
+    result = CliRunner().invoke(main, study_args(tmp_path, "--only", "mnist-r1", "--trials", "3", "--jobs", "2"))
+    assert result.exit_code == 1, result.output
+    messages = result.stderr.splitlines()
+    started = [i for i, m in enumerate(messages) if "training in a process of its own" in m]
+    ended = [i for i, m in enumerate(messages) if ": done, " in m or ": failed (" in m]
+    assert len(started) == 3 and started[1] < ended[0] < started[2]  # two at a time, the third after one ends
+    assert [json.loads((out / name / "study_run.json").read_text())["seed"] for name in ("mnist-r1", "mnist-r1-trial2")] == [0, 1]
+    assert "mnist-r1-trial2: training mnist (seed 1)" in (out / "logs" / "mnist-r1-trial2.log").read_text()
+    assert messages[-1] == (f"capstf: error: 1 of 3 trainings failed, the others are in {out / 'results.md'}: "
+                            f"mnist-r1-trial3 (exit 2: --model-dir {out / 'mnist-r1-trial3'} exists and is not a "
+                            f"folder.). Logs in {out / 'logs'}; rerun to retry them.")
+    assert "(2 trials: " in (out / "results.md").read_text()  # the two that trained are reported
+
+
+def test_sigterm_to_a_study_with_jobs_stops_every_training_at_a_checkpoint(tmp_path):
+    study = subprocess.Popen([sys.executable, "-m", "capstf.cli", *study_args(
+        tmp_path, "--only", "mnist-r1", "--trials", "2", "--jobs", "2", "--set", "train.steps=100000",
+        "--set", "train.checkpoint_every=2")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dirs = [tmp_path / "table1" / name for name in ("mnist-r1", "mnist-r1-trial2")]
+    deadline = time.time() + 240
+    while time.time() < deadline and not all((d / "checkpoints").is_dir() and list_checkpoints(d) for d in run_dirs):
+        time.sleep(0.2)  # both trainings are in their loops, where SIGTERM is checkpointed
+    study.send_signal(signal.SIGTERM)
+    _, err = study.communicate(timeout=120)
+    assert study.returncode == 143, err
+    assert err.splitlines()[-1] == ("capstf: error: stopped by SIGTERM; each training in progress checkpointed "
+                                    "its last step: rerun the same command to resume.")
+    for run_dir in run_dirs:
+        stopped = re.search(r"stopped by SIGTERM after step (\d+) of 100000",
+                            (tmp_path / "table1" / "logs" / f"{run_dir.name}.log").read_text())
+        assert stopped and list_checkpoints(run_dir)[-1][0] == int(stopped[1])  # the step it stopped after
+        assert not (run_dir / "study_run.json").exists()  # not scored: a rerun resumes it
 
 
 def test_affnist_compares_the_models_at_matched_expanded_accuracy_within_each_trial(tmp_path):
