@@ -70,18 +70,21 @@ def test_a_rerun_skips_scored_runs_and_resumes_unfinished_ones(tmp_path):
     assert (run_dir / "study_run.json").stat().st_mtime_ns == record
 
 
+def study_args(tmp_path, *extra):
+    """`capstf study table1` on the bundled digits, every run shrunk (--runlocal), into tmp_path."""
+    return ["study", "table1", "--runs-dir", str(tmp_path), "--data-dir", "sample", "--runlocal", *extra]
+
+
 def test_a_results_table_that_cannot_be_written_is_one_line_and_keeps_the_scored_runs(tmp_path):
     results_md = tmp_path / "table1" / "results.md"
     results_md.mkdir(parents=True)  # in the way of the table, as a full disk or a read-only file would be
-    result = CliRunner().invoke(main, ["study", "table1", "--only", "mnist-r1", "--runlocal", "--data-dir", "sample",
-                                       "--runs-dir", str(tmp_path), "--set", "train.steps=2"])
+    result = CliRunner().invoke(main, study_args(tmp_path, "--only", "mnist-r1", "--set", "train.steps=2"))
     assert result.exit_code == 1 and f"capstf: error: Cannot write {results_md}" in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback
     assert (tmp_path / "table1" / "mnist-r1" / "study_run.json").is_file()  # the scored run is kept
     assert (tmp_path / "table1" / "results.json").is_file()
     results_md.rmdir()
-    rerun = CliRunner().invoke(main, ["study", "table1", "--only", "mnist-r1", "--runlocal", "--data-dir", "sample",
-                                      "--runs-dir", str(tmp_path)])
+    rerun = CliRunner().invoke(main, study_args(tmp_path, "--only", "mnist-r1"))
     assert rerun.exit_code == 0 and "mnist-r1: trained and scored earlier" in rerun.output
     assert "| CapsNet, routing 1, reconstruction | mnist | " in results_md.read_text()
 
@@ -105,10 +108,6 @@ def test_trials_train_each_run_from_successive_seeds_and_report_mean_and_spread(
     again = run_study("table1", tmp_path, "sample", runlocal=True, only=(run,), log=messages.append)
     assert any("skipped" in m for m in messages) and not any(": training " in m for m in messages)
     assert next(c for c in again["cells"] if c["run"] == run)["trials"] == cell["trials"]
-
-
-def study_args(tmp_path, *extra):
-    return ["study", "table1", "--runs-dir", str(tmp_path), "--data-dir", "sample", "--runlocal", *extra]
 
 
 def test_jobs_train_trials_at_once_in_processes_of_their_own_and_name_the_one_that_failed(tmp_path):
