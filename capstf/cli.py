@@ -170,10 +170,12 @@ def parse_settings(settings):
               help="Train up to N runs (trials) at once, each in a process of its own with its output in "
                    "RUNS_DIR/NAME/logs/: for GPUs (several runs share one; with several GPUs each gets the "
                    "least used). On a CPU the runs would only share its cores.")
-@click.option("--trial", type=click.IntRange(min=1), default=None, hidden=True,
-              help="Train only trial K: what each of --jobs' processes runs.")
+@click.option("--trial", "trial_numbers", default="", metavar="K,...",
+              help="Train only these trials (trial K from seed S+K-1, as --trials numbers them), e.g. to "
+                   "share a study's trials between machines: copy the trial dirs into one RUNS_DIR and rerun "
+                   "to report them together.")
 @clear_errors
-def study(name, runs_dir, data_dir, runlocal, only, settings, trials, jobs, trial):
+def study(name, runs_dir, data_dir, runlocal, only, settings, trials, jobs, trial_numbers):
     """Run one of the paper's experiments (pipelines/studies/NAME.toml: table1, affnist), or
     mnist-settings (settings compared on held-out training digits): train and score each of its
     runs, resuming unfinished ones, and write RUNS_DIR/NAME/results.md and results.json.
@@ -183,13 +185,17 @@ def study(name, runs_dir, data_dir, runlocal, only, settings, trials, jobs, tria
     """
     from capstf.study import results_markdown, run_study
     runs = tuple(r.strip() for r in only.split(",") if r.strip())
+    numbers = [t.strip() for t in trial_numbers.split(",") if t.strip()]
+    if not all(t.isdigit() and int(t) >= 1 for t in numbers):
+        raise CapstfError(f"--trial {trial_numbers}: expected trial numbers from 1, e.g. --trial 2,3.")
 
     def worker_command(run_name, trial_number):  # this command, for one trial of one run
         return [sys.executable, "-m", "capstf.cli", "study", name, "--runs-dir", runs_dir, "--only", run_name,
                 "--trial", str(trial_number), *(["--data-dir", data_dir] if data_dir else []),
                 *(["--runlocal"] if runlocal else []), *[arg for s in settings for arg in ("--set", s)]]
     results = run_study(name, runs_dir, data_dir, runlocal, runs, parse_settings(settings),
-                        log=lambda msg: click.echo(msg, err=True), trials=trials, trial=trial, jobs=jobs,
+                        log=lambda msg: click.echo(msg, err=True), trials=trials,
+                        trial_numbers=[int(t) for t in numbers], jobs=jobs,
                         worker_command=worker_command)
     click.echo(results_markdown(results))
 

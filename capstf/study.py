@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from capstf import config as config_lib
-from capstf.checkpoints import list_checkpoints, training_progress
+from capstf.checkpoints import checkpoint_dir, list_checkpoints, training_progress
 from capstf.errors import CapstfError, RuntimeFailure
 from capstf.evaluate import measure
 from capstf.files import read_json, write_json, write_text
@@ -162,9 +162,12 @@ def _check_test_settings(settings, where):
         raise CapstfError(f"{where}: split must be one of {', '.join(SPLITS)}.")
 
 
-def score_checkpoint(run: Run, run_dir: Path, test: Mapping, checkpoint=None) -> Dict[str, float]:
-    """{test set: accuracy, "parameters": the model's} of one checkpoint (default: the newest)."""
-    scores = {}
+def score_checkpoint(run: Run, run_dir: Path, test: Mapping, checkpoint: str) -> Dict[str, object]:
+    """One checkpoint's figures: {test set: accuracy}, the model's parameters, and the examples seen
+    and seconds of training behind it, kept with the scores so that a record outlives the checkpoint
+    and a move of its run dir."""
+    examples_seen, train_seconds = training_progress(checkpoint)
+    scores = {"checkpoint": checkpoint, "examples_seen": examples_seen, "train_seconds": train_seconds}
     for test_set in run.test_sets:
         metrics = measure(run_dir, test_set, split=test["split"], limit=test["limit"],
                           partners_per_digit=test["partners_per_digit"] or None, checkpoint=checkpoint)
@@ -179,7 +182,7 @@ def score_every_checkpoint(run: Run, run_dir: Path, test: Mapping, log) -> Dict[
     scores = {int(k): v for k, v in read_json(cache).items()} if cache.is_file() else {}
     for step, path in list_checkpoints(run_dir):
         if step not in scores:
-            scores[step] = {"checkpoint": path, **score_checkpoint(run, run_dir, test, path)}
+            scores[step] = score_checkpoint(run, run_dir, test, path)
             log(f"{run_dir.name}: step {step}: " + ", ".join(f"{t} {scores[step][t]:.4f}" for t in run.test_sets))
             write_json(cache, scores, indent=1)
     return scores
@@ -206,10 +209,10 @@ def scored_trials(out_dir: Path, run_name: str):
 
 
 def run_study(name, runs_dir="runs", data_dir=None, runlocal=False, only: Sequence[str] = (),
-              overrides: Optional[Mapping] = None, log=print, trials: int = 1, trial: Optional[int] = None,
+              overrides: Optional[Mapping] = None, log=print, trials: int = 1, trial_numbers: Sequence[int] = (),
               jobs: int = 1, worker_command: Optional[Callable[[str, int], List[str]]] = None) -> dict:
     """Trains and scores the study's runs (or those in `only`), each `trials` times from
-    successive seeds (or only trial `trial`); writes results.md and .json.
+    successive seeds (or only the trials numbered in `trial_numbers`, from 1); writes results.md and .json.
 
     jobs > 1: up to `jobs` trials train at once, each in a process of its own running
     worker_command(run name, trial) (a command that trains and scores that one trial), with its
@@ -231,7 +234,7 @@ def run_study(name, runs_dir="runs", data_dir=None, runlocal=False, only: Sequen
                           f"{', '.join(holding_none)} hold none: set data.validation_digits.")
     # Trial by trial, so that a study stopped early has whole trials to compare.
     pending = {}  # (run name, trial) -> config
-    for number in [trial] if trial else range(1, trials + 1):
+    for number in trial_numbers or range(1, trials + 1):
         for run_name, cfg in first.items():
             record_path = trial_dir(out_dir, run_name, number) / "study_run.json"
             if record_path.is_file():
@@ -268,7 +271,7 @@ def train_and_score(study: Study, run: Run, trial: int, cfg, run_dir: Path, test
         record["checkpoint_scores"] = score_every_checkpoint(run, run_dir, test, log)
     else:
         step, path = list_checkpoints(run_dir)[-1]
-        record["checkpoint_scores"] = {step: {"checkpoint": path, **score_checkpoint(run, run_dir, test, path)}}
+        record["checkpoint_scores"] = {step: score_checkpoint(run, run_dir, test, path)}
     write_json(run_dir / "study_run.json", record, indent=1)
 
 
@@ -294,7 +297,12 @@ def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:
         reported = []  # (trial, scores at its reported step, examples seen, training seconds)
         for trial in sorted(t for t in records if run.name in records[t]):
             scores = records[trial][run.name][steps[trial][run.name]]
-            reported.append((trial, scores, *training_progress(scores["checkpoint"])))  # reads the checkpoint
+            if "examples_seen" in scores:
+                progress = scores["examples_seen"], scores["train_seconds"]
+            else:  # a record from before capstf kept these: read them from its checkpoint, in its run dir
+                progress = training_progress(str(checkpoint_dir(trial_dir(out_dir, run.name, trial))
+                                                 / Path(scores["checkpoint"]).name))
+            reported.append((trial, scores, *progress))
         for test_set in run.test_sets:
             cell = {"run": run.name, "row": run.row, "test_set": test_set, "paper_percent": run.paper.get(test_set),
                     "measured_percent": None, "std_percent": None, "trials": []}

@@ -1,6 +1,7 @@
 """`capstf study`: the paper's experiments as one command (tiny --runlocal runs on the sample)."""
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from capstf.cli import main
 from capstf.config import load_saved
 from capstf.errors import CapstfError
 from capstf.study import collect_results, load_study, matched_steps, run_config, run_study
+from capstf.study import test_settings as how_runs_are_scored  # not test_*: pytest would collect it
 
 
 def error_percent(run_dir, images, labels):
@@ -70,6 +72,27 @@ def test_a_rerun_skips_scored_runs_and_resumes_unfinished_ones(tmp_path):
     assert (run_dir / "study_run.json").stat().st_mtime_ns == record
 
 
+def test_a_scored_run_is_reported_after_its_runs_dir_moves_and_its_checkpoints_go(tmp_path):
+    first = run_study("table1", tmp_path / "here", "sample", runlocal=True, only=("mnist-r1",), log=lambda msg: None)
+    (tmp_path / "here").rename(tmp_path / "there")  # copied to another machine, say
+    study, out = load_study("table1"), tmp_path / "there" / "table1"
+    test = how_runs_are_scored(study, runlocal=True)
+    record_path = out / "mnist-r1" / "study_run.json"
+    record = json.loads(record_path.read_text())
+    (scores,) = record["checkpoint_scores"].values()
+    assert str(tmp_path / "here") in scores["checkpoint"]  # where it was scored
+    trial, = next(c for c in first["cells"] if c["run"] == "mnist-r1")["trials"]
+    assert trial["examples_seen"] == 4 * 8 and trial["train_seconds"] > 0
+    older = {**record, "checkpoint_scores": {  # as capstf wrote records before they kept the progress
+        step: {k: v for k, v in s.items() if k not in ("examples_seen", "train_seconds")}
+        for step, s in record["checkpoint_scores"].items()}}
+    record_path.write_text(json.dumps(older))
+    assert collect_results(study, out, test) == first  # read from the checkpoint where it is now
+    record_path.write_text(json.dumps(record))
+    shutil.rmtree(out / "mnist-r1" / "checkpoints")  # space freed once scored
+    assert collect_results(study, out, test) == first
+
+
 def study_args(tmp_path, *extra):
     """`capstf study table1` on the bundled digits, every run shrunk (--runlocal), into tmp_path."""
     return ["study", "table1", "--runs-dir", str(tmp_path), "--data-dir", "sample", "--runlocal", *extra]
@@ -108,6 +131,19 @@ def test_trials_train_each_run_from_successive_seeds_and_report_mean_and_spread(
     again = run_study("table1", tmp_path, "sample", runlocal=True, only=(run,), log=messages.append)
     assert any("skipped" in m for m in messages) and not any(": training " in m for m in messages)
     assert next(c for c in again["cells"] if c["run"] == run)["trials"] == cell["trials"]
+
+
+def test_trial_trains_only_the_trials_named_each_from_its_own_seed(tmp_path):
+    result = CliRunner().invoke(main, study_args(tmp_path, "--only", "mnist-r1", "--trial", "3"))
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "table1"
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["mnist-r1-trial3"]  # not trials 1 or 2
+    assert load_saved(out / "mnist-r1-trial3").train.seed == 2
+    cell = next(c for c in json.loads((out / "results.json").read_text())["cells"] if c["run"] == "mnist-r1")
+    assert [(t["trial"], t["seed"]) for t in cell["trials"]] == [(3, 2)]
+    bad = CliRunner().invoke(main, study_args(tmp_path, "--only", "mnist-r1", "--trial", "2,0"))
+    assert bad.exit_code == 2 and bad.output.splitlines()[-1] == (
+        "capstf: error: --trial 2,0: expected trial numbers from 1, e.g. --trial 2,3.")
 
 
 def test_jobs_train_trials_at_once_in_processes_of_their_own_and_name_the_one_that_failed(tmp_path):
