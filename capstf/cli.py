@@ -186,7 +186,7 @@ def study(name, runs_dir, data_dir, runlocal, only, settings, trials, jobs, tria
     from capstf.study import results_markdown, run_study
     runs = tuple(r.strip() for r in only.split(",") if r.strip())
     numbers = [t.strip() for t in trial_numbers.split(",") if t.strip()]
-    if not all(t.isdigit() and int(t) >= 1 for t in numbers):
+    if not all(t.isdigit() for t in numbers):
         raise CapstfError(f"--trial {trial_numbers}: expected trial numbers from 1, e.g. --trial 2,3.")
 
     def worker_command(run_name, trial_number):  # this command, for one trial of one run

@@ -224,6 +224,8 @@ def run_study(name, runs_dir="runs", data_dir=None, runlocal=False, only: Sequen
         raise CapstfError(f"--only {','.join(unknown)}: study {study.name} has the runs {', '.join(study.runs)}.")
     if trials < 1:
         raise CapstfError(f"--trials {trials}: a study trains each run at least once.")
+    if any(number < 1 for number in trial_numbers):
+        raise CapstfError(f"--trial {','.join(map(str, trial_numbers))}: expected trial numbers from 1, e.g. --trial 2,3.")
     test = test_settings(study, runlocal)
     out_dir = Path(runs_dir) / study.name
     first = {run.name: run_config(study, run, data_dir, runlocal, overrides)  # every config checked first
