@@ -6,19 +6,23 @@ A model is a size (the MNIST model on NxN grey inputs: 28 MNIST, 36 MultiMNIST) 
 whose model it takes (smallnorb: 32x32x2 inputs, 5 classes; cifar10: 24x24x3, 64 primary
 capsule types, none-of-the-above routing; svhn: the smaller 32x32x3 model).
 
-Variants (each timed in turn, several rounds): xla_routing (the capsule layers after the
-convolutions compiled, `--jit routing`), plain (graph mode), xla_step (whole step compiled),
-bf16 (mixed_bfloat16 convolutions + xla_routing); and, named with --variants, the routing
-gradients' shortcut (bf16_final_routing_gradients) and the GPU candidates: TensorFlow's own
-convolution gradients in bfloat16 or float16, and the whole step compiled. The profile times, at 28x28 float32, the
-forward pass, forward+backward, the routing alone and the optimizer update, to show where a
-step's time goes.
+Variants (each timed in turn, several rounds) are every combination of what `capstf train`
+chooses per device: the compiled part (xla_routing: the capsule layers after the convolutions,
+`--jit routing`; plain: graph mode; xla_step: the whole step), the convolutions' precision
+(float32, bf16, fp16), their gradients (capstf's forward convolutions, or tf_conv_gradients:
+TensorFlow's own) and the routing gradients (all, or the final_routing_gradients shortcut). A
+name says how a variant differs from xla_routing (float32, forward-convolution gradients, all
+routing gradients): e.g. bf16_tf_conv_gradients. The default set is the CPU candidates;
+`--variants all` times every one. The JSON names the variant `capstf train` picks here
+(`default_variant`). The profile times, at 28x28 float32, the forward pass, forward+backward,
+the routing alone and the optimizer update, to show where a step's time goes.
 
 Absolute times drift 2-3x on shared machines, so where ../shared/bench/reference_step.py exists
 (or --reference PATH), it runs once between rounds and the JSON gives our 28x28 images/s as
 ratios to it (best to best, median to median).
 """
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -29,23 +33,29 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow as tf  # noqa: E402
 
-from capstf import config as config_lib  # noqa: E402
+from capstf import config as config_lib, cpu  # noqa: E402
 from capstf.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from capstf.layers import route_by_agreement  # noqa: E402
-from capstf.train import build_state, make_strategy, make_train_step  # noqa: E402
+from capstf.train import build_state, device_defaults, make_strategy, make_train_step  # noqa: E402
 
-VARIANTS = {  # name -> (jit, precision, forward_conv_gradients, routing_gradients)
-    "xla_routing": ("routing", "float32", True, "all"),
-    "plain": ("off", "float32", True, "all"),
-    "xla_step": ("step", "float32", True, "all"),
-    "bf16": ("routing", "mixed_bfloat16", True, "all"),
-    "bf16_final_routing_gradients": ("routing", "mixed_bfloat16", True, "final"),
-    # To pick GPU defaults by measurement: TensorFlow's own convolution gradients, float16.
-    "bf16_tf_conv_gradients": ("routing", "mixed_bfloat16", False, "all"),
-    "fp16_tf_conv_gradients": ("routing", "mixed_float16", False, "all"),
-    "xla_step_bf16_tf_conv_gradients": ("step", "mixed_bfloat16", False, "all"),
-}
-DEFAULT_VARIANTS = "xla_routing,plain,xla_step,bf16"  # the CPU set; name the others with --variants
+JITS = ("routing", "off", "step")
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+
+
+def variant_name(jit, precision, forward_conv_gradients, routing_gradients):
+    """("routing", "float32", True, "all"), capstf's first default, is "xla_routing"; every
+    other variant names how it differs: e.g. "bf16_tf_conv_gradients"."""
+    parts = [{"routing": "", "off": "plain", "step": "xla_step"}[jit],
+             {"float32": "", "mixed_bfloat16": "bf16", "mixed_float16": "fp16"}[precision],
+             "" if forward_conv_gradients else "tf_conv_gradients",
+             "" if routing_gradients == "all" else f"{routing_gradients}_routing_gradients"]
+    return "_".join(p for p in parts if p) or "xla_routing"
+
+
+VARIANTS = {variant_name(*v): v  # name -> (jit, precision, forward_conv_gradients, routing_gradients)
+            for v in itertools.product(JITS, PRECISIONS, (True, False), config_lib.ROUTING_GRADIENTS)}
+# The CPU candidates that `device_defaults` chooses between; name others, or "all", with --variants.
+DEFAULT_VARIANTS = "xla_routing,tf_conv_gradients,bf16,bf16_tf_conv_gradients"
 
 
 def timed(fn, steps, warmup=2):
@@ -118,11 +128,12 @@ def main():
     parser.add_argument("--models", default="28,36", help="Sizes (the MNIST model) and recipe names, e.g. 28,cifar10.")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=4, help="Timed steps per variant, interleaved.")
-    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"Of: {', '.join(VARIANTS)}.")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"'all', or of: {', '.join(VARIANTS)}.")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--reference", default=str(DEFAULT_REFERENCE) if DEFAULT_REFERENCE.exists() else "",
                         help="A reference step script printing reference_images_per_s; '' for none.")
     args = parser.parse_args()
+    args.variants = ",".join(VARIANTS) if args.variants == "all" else args.variants
     unknown = set(args.variants.split(",")) - set(VARIANTS)
     if unknown:
         parser.error(f"unknown --variants {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
@@ -147,7 +158,9 @@ def main():
             times[key].append(timed(fn, 1, warmup=0))
     best = {k: round(args.batch / min(v), 1) for k, v in times.items()}
     median = {k: round(args.batch / sorted(v)[len(v) // 2], 1) for k, v in times.items()}
-    results = {"batch": args.batch, "rounds": args.rounds, "images_per_s_best": best, "images_per_s_median": median}
+    results = {"batch": args.batch, "rounds": args.rounds, "cpu": cpu.describe(),
+               "default_variant": variant_name(*device_defaults(TrainConfig()), ModelConfig().routing_gradients),
+               "images_per_s_best": best, "images_per_s_median": median}
     if reference:
         ref_best, ref_median = max(reference), sorted(reference)[len(reference) // 2]
         results["reference_images_per_s"] = {"best": round(ref_best, 1), "median": round(ref_median, 1)}

@@ -12,11 +12,10 @@ The capsule layers compute in float32 under any dtype policy (routing's softmax 
 too much in 16 bits); PrimaryCapsules' convolution follows the policy (bfloat16 under
 "mixed_bfloat16").
 """
-import functools
-
 import keras
 import tensorflow as tf
 
+from capstf import cpu
 from capstf.config import ROUTING_GRADIENTS
 
 MIN_CHANNELS_FOR_CONV_GRADIENTS = 16
@@ -95,7 +94,8 @@ def conv2d_valid(x, kernel, stride, forward_gradients=True):
     bfloat16 without AMX, so there it is `input_gradient_by_phases` instead (PrimaryCaps, batch
     64: 44 ms against 130 dilated and 98 TF's own). Inputs with few channels (Conv1's image) keep
     TF's gradients: one channel is too small a batch (2x slower, measured). forward_gradients=False
-    keeps TensorFlow's own gradients (GPUs: cuDNN's are not known to lose to these).
+    keeps TensorFlow's own gradients: capstf's training picks that on GPUs and on AVX2-only CPUs,
+    where TF's were faster (`capstf.train.device_defaults`).
     """
     if not forward_gradients or x.shape[-1] < MIN_CHANNELS_FOR_CONV_GRADIENTS:
         return tf.nn.conv2d(x, kernel, stride, "VALID")
@@ -110,7 +110,7 @@ def conv2d_valid(x, kernel, stride, forward_gradients=True):
             used_h, used_w = stride * (out_h - 1) + kh, stride * (out_w - 1) + kw
             dk = tf.nn.conv2d(tf.transpose(x[:, :used_h, :used_w], [3, 1, 2, 0]), tf.transpose(dy, [1, 2, 0, 3]),
                               1, "VALID", dilations=stride)  # [in_ch, kh, kw, out_ch]
-            if dy.dtype == tf.bfloat16 and min(kh, kw) >= stride and cpu_has_amx_bf16():
+            if dy.dtype == tf.bfloat16 and min(kh, kw) >= stride and cpu.has("amx_bf16"):
                 dx = input_gradient_by_phases(dy, kernel, stride, in_h, in_w)
             else:
                 # d/dx: [in_ch, kh, kw, out_ch] (padded) * [out_h, out_w, out_ch, batch] (flipped)
@@ -145,16 +145,6 @@ def input_gradient_by_phases(dy, kernel, stride, in_h, in_w):
             phases[r].append(tf.pad(full, [[0, 0], [0, rows - full.shape[1]], [0, cols - full.shape[2]], [0, 0]]))
     interleaved = tf.stack([tf.stack(row, axis=3) for row in phases], axis=2)  # [batch, rows, r, cols, c, in_ch]
     return tf.reshape(interleaved, [-1, rows * stride, cols * stride, kernel.shape[2]])[:, :in_h, :in_w]
-
-
-@functools.cache
-def cpu_has_amx_bf16() -> bool:
-    """Whether this CPU has AMX for bfloat16 (Intel Xeons since Sapphire Rapids); read on Linux only."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            return "amx_bf16" in cpuinfo.read()
-    except OSError:
-        return False
 
 
 def _positive(**values):

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from tqdm import tqdm
 
-from capstf import config as config_lib
+from capstf import config as config_lib, cpu
 from capstf.checkpoints import checkpoint_dir, list_checkpoints, prepare_model_dir, restore_newest_readable
 from capstf.data.datasets import fit_model_to_data, make_dataset
 from capstf.data.sources import load_examples, load_training_split
@@ -36,13 +36,6 @@ def split_cpu(n: int):
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
 
 
-def cpu_has_bf16() -> bool:
-    try:
-        return " avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-
-
 def gpu_compute_capabilities():
     """[(major, minor)] of each visible GPU; empty on a machine without one."""
     return [tf.config.experimental.get_device_details(gpu).get("compute_capability", (0, 0))
@@ -53,14 +46,15 @@ def device_defaults(train_cfg, gpus=None):
     """(jit, precision, forward_conv_gradients), "auto" replaced by the choice for this device.
 
     gpus: the GPUs' compute capabilities (default: the visible ones'; tests pass fakes).
-    CPU (measured, benchmarks/train_step.py): XLA on the capsule layers but not the
-    convolutions (XLA's CPU convolutions made the whole step ~12x slower); bfloat16
-    convolutions where AVX512-BF16 exists; the convolution gradients computed as forward
-    convolutions (tuned for oneDNN). GPU: TensorFlow's own convolution gradients, bfloat16 only
-    where the GPU has it (compute capability 8.0 on), float16 with loss scaling on 7.x, float32
-    on older GPUs; mixed GPUs get the oldest's choice. On an H100 (measured, docs/performance.md)
-    this is the fastest step (forward-convolution gradients 11% slower, float16 17%, compiling
-    the whole step 18%); 7.x and older GPUs are not measured.
+    CPU, by instruction set (measured on each, benchmarks/train_step.py, docs/performance.md):
+    XLA on the capsule layers but not the convolutions (XLA's CPU convolutions made the whole
+    step ~12x slower); bfloat16 convolutions where AVX512-BF16 exists, float32 elsewhere
+    (bfloat16 without it is emulated, and slower); the convolution gradients as forward
+    convolutions where AVX-512 exists (they suit oneDNN's AVX-512 kernels), TensorFlow's own on
+    AVX2-only CPUs, where capstf's were 1.4x (28x28) and 2.6x (36x36) slower.
+    GPU: TensorFlow's own convolution gradients, bfloat16 only where the GPU has it (compute
+    capability 8.0 on), float16 with loss scaling on 7.x, float32 on older GPUs; mixed GPUs get
+    the oldest's choice. On an H100 this is the fastest step; 7.x and older GPUs are not measured.
     """
     gpus = gpu_compute_capabilities() if gpus is None else gpus
     jit = "routing" if train_cfg.jit == "auto" else train_cfg.jit
@@ -69,8 +63,8 @@ def device_defaults(train_cfg, gpus=None):
         oldest = min(tuple(c) for c in gpus)
         precision = "mixed_bfloat16" if oldest >= (8, 0) else "mixed_float16" if oldest >= (7, 0) else "float32"
     elif precision == "auto":
-        precision = "mixed_bfloat16" if cpu_has_bf16() else "float32"
-    return jit, precision, not gpus
+        precision = "mixed_bfloat16" if cpu.has("avx512_bf16") else "float32"
+    return jit, precision, not gpus and cpu.has("avx512f")
 
 
 def make_strategy(kind: str) -> tf.distribute.Strategy:

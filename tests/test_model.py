@@ -258,9 +258,11 @@ def test_the_input_gradient_by_phases_equals_tensorflows_own(stride, size, kerne
 @pytest.mark.parametrize("amx,dtype,by_phases", [(True, tf.bfloat16, True), (False, tf.bfloat16, False),
                                                  (True, tf.float32, False)])
 def test_the_input_gradient_goes_by_phases_in_bfloat16_on_amx_cpus_only(monkeypatch, amx, dtype, by_phases):
+    import capstf.cpu
     import capstf.layers as layers
     phase_calls, by_phases_of = [], layers.input_gradient_by_phases
-    monkeypatch.setattr(layers, "cpu_has_amx_bf16", lambda: amx)
+    monkeypatch.setattr(capstf.cpu, "flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+                                                               if amx else {"avx2", "avx512f", "avx512_bf16"}))
     monkeypatch.setattr(layers, "input_gradient_by_phases", lambda *args: phase_calls.append(args) or by_phases_of(*args))
     x = tf.random.normal([2, 20, 20, 16], seed=6)
     kernel = tf.random.normal([9, 9, 16, 4], seed=7)
