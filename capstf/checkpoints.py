@@ -3,6 +3,7 @@
 Used by train, evaluate, export, visualize and study alike, so none of them reaches into another.
 """
 import fcntl
+import os
 import re
 import sys
 from pathlib import Path
@@ -56,6 +57,38 @@ def restore_newest_readable(checkpoint, paths, model_dir):
     return None, None
 
 
+def set_aside_damaged(model_dir, restored):
+    """Moves the listed checkpoints newer than `restored` (those `restore_newest_readable`
+    skipped as damaged) into checkpoints/damaged/ and drops them from the checkpoint list: the
+    run that retrains past them then writes good ones in their place, where a damaged newest
+    entry would have made it skip its final save. Returns the paths moved."""
+    folder = checkpoint_dir(model_dir)
+    state = tf.train.get_checkpoint_state(str(folder))
+    # The manager's own record, oldest first, with the save times it needs to keep counting them.
+    listed = list(state.all_model_checkpoint_paths) if state else []
+    times = dict(zip(listed, state.all_model_checkpoint_timestamps)) if state else {}
+    damaged = listed[listed.index(restored) + 1:] if restored in listed else []
+    if not damaged:
+        return []
+    aside = folder / "damaged"
+    try:
+        aside.mkdir(exist_ok=True)
+        for path in damaged:
+            for file in tf.io.gfile.glob(path + ".*"):
+                os.replace(file, aside / Path(file).name)
+        kept = listed[:listed.index(restored) + 1]
+        tf.compat.v1.train.update_checkpoint_state(  # names relative to the folder, as the manager writes them
+            str(folder), Path(restored).name, [Path(p).name for p in kept],
+            all_model_checkpoint_timestamps=[times[p] for p in kept] if len(times) == len(listed) else None,
+            last_preserved_timestamp=state.last_preserved_timestamp)
+    except (OSError, tf.errors.OpError) as e:
+        raise RuntimeFailure(f"Cannot move the damaged checkpoint(s) {', '.join(damaged)} aside into {aside} "
+                             f"({first_line(e)}); fix the folder, then rerun to resume.") from None
+    warn(f"moved the damaged checkpoint(s) {', '.join(Path(p).name for p in damaged)} into {aside}; "
+         "this run writes good ones in their place.")
+    return damaged
+
+
 def restore_for_inference(model_dir, cfg, checkpoint=None):
     """(model, step): the model of `checkpoint` (default: the newest readable one in model_dir),
     in float32 with plain-graph routing. A checkpoint without every weight of the model is
@@ -83,7 +116,8 @@ def prepare_model_dir(cfg, model_dir, chief: bool):
     model_dir = Path(model_dir)
     changed = {}
     if (model_dir / "config.json").is_file():
-        changed = config_lib.check_compatible(config_lib.load_saved(model_dir), cfg, model_dir)
+        changed = config_lib.check_compatible(config_lib.load_saved(model_dir), cfg, model_dir,
+                                              resuming=bool(list_checkpoints(model_dir)))
     elif model_dir.exists() and not model_dir.is_dir():
         raise CapstfError(f"--model-dir {model_dir} exists and is not a folder.")
     if not chief:

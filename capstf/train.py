@@ -18,7 +18,8 @@ import tensorflow as tf
 from tqdm import tqdm
 
 from capstf import config as config_lib, cpu
-from capstf.checkpoints import checkpoint_dir, list_checkpoints, prepare_model_dir, restore_newest_readable
+from capstf.checkpoints import (checkpoint_dir, list_checkpoints, prepare_model_dir, restore_newest_readable,
+                                set_aside_damaged)
 from capstf.data.datasets import fit_model_to_data, make_dataset
 from capstf.data.sources import load_examples, load_training_split
 from capstf.errors import CapstfError, Preempted, RuntimeFailure
@@ -179,7 +180,9 @@ def train(cfg, model_dir, quiet=None) -> dict:
         model, optimizer, checkpoint = build_state(cfg, jit, precision, total_steps, forward_conv_gradients)
     # Every worker resumes from the chief's newest readable checkpoint; workers other than the
     # chief write theirs to scratch (saving is collective), deleted when the run ends.
-    restore_newest_readable(checkpoint, [path for _, path in list_checkpoints(model_dir)], model_dir)
+    restored, _ = restore_newest_readable(checkpoint, [path for _, path in list_checkpoints(model_dir)], model_dir)
+    if chief and restored:
+        set_aside_damaged(model_dir, restored)
     own_checkpoints = checkpoint_dir(model_dir, None if chief else strategy.cluster_resolver.task_id)
     manager = tf.train.CheckpointManager(checkpoint, str(own_checkpoints), cfg.train.keep_checkpoints)
     start = int(optimizer.iterations.numpy())

@@ -58,6 +58,23 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before(two_checkpoint
     assert resumed["step"] == 6 and resumed["examples_seen"] == 6 * 32
 
 
+def test_a_rerun_past_a_damaged_final_checkpoint_writes_a_good_one_in_its_place(tmp_path, capsys):
+    cfg = small_config(steps=5, checkpoint_every=2)  # checkpoints at steps 2, 4 and the final 5
+    train(cfg, tmp_path, quiet=True)
+    step, finished = weights(tmp_path, cfg)
+    final = list_checkpoints(tmp_path)[-1][1]
+    damage(final, "truncate")
+    assert train(cfg, tmp_path, quiet=True)["step"] == 5  # the same command: retrains step 5
+    assert "moved the damaged checkpoint(s) ckpt-5 into" in capsys.readouterr().err
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 4, 5]
+    assert (tmp_path / "checkpoints" / "damaged").is_dir()
+    tf.train.load_checkpoint(final)  # readable again
+    resumed_step, resumed = weights(tmp_path, cfg)  # and no warning now: nothing damaged is listed
+    assert resumed_step == 5 and "unreadable" not in capsys.readouterr().err
+    for a, b in zip(finished, resumed):  # the same examples, in the same order: the same weights
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
 def test_no_readable_checkpoint_is_a_clear_error(two_checkpoints):
     model_dir, cfg = two_checkpoints
     for _, path in list_checkpoints(model_dir):
@@ -132,6 +149,29 @@ def test_a_json_record_cut_short_by_a_full_disk_leaves_the_old_record_and_no_scr
         write_json(record, {"step": 2})
     monkeypatch.undo()
     assert read_json(record) == {"step": 1} and [p.name for p in tmp_path.iterdir()] == ["record.json"]
+
+
+def test_a_written_record_is_on_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    from capstf import files
+    events = []
+    monkeypatch.setattr(files.os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))))
+    real_replace = files.os.replace
+    monkeypatch.setattr(files.os, "replace", lambda a, b: events.append(("rename", str(b))) or real_replace(a, b))
+    files.write_json(tmp_path / "config.json", {"step": 1})
+    scratch, renamed, folder = events
+    assert scratch[0] == "fsync" and Path(scratch[1]).name == f".config.json.{os.getpid()}.tmp"
+    assert renamed == ("rename", str(tmp_path / "config.json")) and folder == ("fsync", str(tmp_path.resolve()))
+
+
+def test_scratch_files_of_killed_writers_are_removed_and_a_living_writers_kept(tmp_path):
+    from capstf.files import write_json
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / f".config.json.{int(dead.stdout)}.tmp"  # what a SIGKILL mid-write leaves
+    living = tmp_path / f".config.json.{os.getppid()}.tmp"     # another writer, still at work
+    killed.write_text('{"ste')
+    living.write_text('{"ste')
+    write_json(tmp_path / "config.json", {"step": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["config.json", living.name])
 
 
 def test_evaluating_a_model_dir_that_cannot_be_written_still_gives_the_metrics(trained_mnist, monkeypatch, capsys):
