@@ -94,6 +94,12 @@ class ModelConfig:
     routing_none_of_the_above: bool = False  # an extra routing parent fixed at logit 0 (the paper's CIFAR10)
     decoder: bool = True
     reconstruction_weight: float = 0.0005
+    # Where the authors' code (Sarasra/models, research/capsules) differs from the paper's text:
+    margin_loss_scale: float = 1.0   # x Eq. 4 summed over classes; their layers.py `_margin_loss`
+                                     # halves the mean over classes: 0.5 / 10 = 0.05
+    capsule_biases: bool = False     # their layers.py: a bias on DigitCaps' s_j, and PrimaryCaps as
+                                     # one routing iteration from one input (conv / types + bias)
+    decoder_init: str = "glorot-uniform"  # | truncated-normal-0.1 (their variables.py, biases 0.1)
     baseline_pool: bool = False      # baseline CNN: 2x2 max-pooling after its first two convolutions
     baseline_hidden: int = 328       # baseline CNN: width of its first hidden layer (the paper's 328)
 
@@ -235,7 +241,8 @@ CHOICES = {"train.jit": ("auto", "routing", "step", "off"),
            "train.distribute": ("auto", "mirrored", "multi-worker", "one-device"),
            "train.schedule": ("exponential", "cosine"),
            "model.kind": ("capsnet", "baseline"),
-           "model.routing_gradients": ROUTING_GRADIENTS}
+           "model.routing_gradients": ROUTING_GRADIENTS,
+           "model.decoder_init": ("glorot-uniform", "truncated-normal-0.1")}
 AT_LEAST_1 = ("train.batch_size", "train.checkpoint_every", "train.decay_steps", "train.log_every",
               "train.keep_checkpoints", "data.partners_per_digit", "model.routing_iters", "model.conv1_filters",
               "model.primary_caps_types", "model.primary_caps_dim", "model.digit_caps_dim", "model.baseline_hidden")
@@ -265,7 +272,15 @@ def validate(cfg: Config):
     for key in FROM_0_BELOW_1:
         if not 0 <= (value := _setting(cfg, key)) < 1:
             raise CapstfError(f"{key} must be in [0, 1), got {value}.")
-    data, train = cfg.data, cfg.train
+    data, train, model = cfg.data, cfg.train, cfg.model
+    if not model.margin_loss_scale > 0:
+        raise CapstfError(f"model.margin_loss_scale must be above 0, got {model.margin_loss_scale}.")
+    if model.kind == "baseline":  # a CNN with a softmax: no capsules, margin loss or decoder
+        for key in ("model.margin_loss_scale", "model.capsule_biases", "model.decoder_init"):
+            if _setting(cfg, key) != getattr(ModelConfig, key.split(".")[1]):
+                raise CapstfError(f"{key} is for CapsNets; model.kind = baseline has no capsules.")
+    elif model.decoder_init != ModelConfig.decoder_init and not model.decoder:
+        raise CapstfError("model.decoder_init needs a decoder; model.decoder is false.")
     if not 0 < train.learning_rate < 1:
         raise CapstfError(f"train.learning_rate must be in (0, 1), got {train.learning_rate}.")
     if not 0 < train.decay_rate <= 1:  # 0 stops training after one step; above 1 the rate grows
@@ -310,18 +325,24 @@ def describe_changes(changes: Mapping[str, tuple]) -> str:
 
 WEIGHT_SHAPE_SETTINGS = {f"model.{name}" for name in (  # what the checkpoint's weights are shaped by
     "kind", "input_size", "channels", "num_classes", "digits_per_image", "conv1_filters", "primary_caps_types",
-    "primary_caps_dim", "digit_caps_dim", "decoder", "baseline_pool", "baseline_hidden")}
+    "primary_caps_dim", "digit_caps_dim", "decoder", "capsule_biases", "baseline_pool", "baseline_hidden")}
 
 
-def check_compatible(saved: Config, new: Config, model_dir) -> Dict[str, tuple]:
+# What decides which examples a run trains on, in which order: changed mid-run, a resumed run
+# would train on formerly held-out digits (validation_digits) or reshuffle its epoch (seed).
+DATA_ORDER_SETTINGS = {"data.validation_digits", "train.seed"}
+
+
+def check_compatible(saved: Config, new: Config, model_dir, resuming=True) -> Dict[str, tuple]:
     """A model dir must not silently mix two experiments: the weights' shapes and the data set
-    must match.
+    must match, and, once a checkpoint exists (`resuming`), what decides the training examples.
 
     Returns the other changed settings (schedule, loss weights, routing, augmentation, ...),
     which a resumed run may change but should say it did.
     """
     changed = changed_settings(saved, new)
-    incompatible = {k: v for k, v in changed.items() if k in WEIGHT_SHAPE_SETTINGS or k == "data.dataset"}
+    fixed = WEIGHT_SHAPE_SETTINGS | {"data.dataset"} | (DATA_ORDER_SETTINGS if resuming else set())
+    incompatible = {k: v for k, v in changed.items() if k in fixed}
     if incompatible:
         raise CapstfError(f"{model_dir} holds a model trained with a different configuration "
                           f"({describe_changes(incompatible)}). Use another --model-dir, or the same settings.")

@@ -37,7 +37,8 @@ def capsule_length(v, eps=1e-7):
     return tf.sqrt(tf.reduce_sum(tf.square(v), axis=-1) + eps)
 
 
-def route_by_agreement(u_hat, iterations: int, gradients: str = "all", none_of_the_above: bool = False):
+def route_by_agreement(u_hat, iterations: int, gradients: str = "all", none_of_the_above: bool = False,
+                       bias=None):
     """Routes predictions from child capsules i to parent capsules j (the paper's Procedure 1).
 
     Args:
@@ -51,6 +52,8 @@ def route_by_agreement(u_hat, iterations: int, gradients: str = "all", none_of_t
       none_of_the_above: each input capsule's softmax over the parents gets one more logit,
         fixed at 0, dropped after the softmax: a child that agrees with no parent can send its
         vote nowhere (the paper's CIFAR10 model; its coupling coefficients then sum to < 1).
+      bias: optional [out_caps, out_dim], added to every s_j before the squash, in every
+        iteration (the authors' code, models/layers/layers.py `_update_routing`; the paper has none).
     Returns:
       v: [batch, out_caps, out_dim] parent capsules.
       c: [in_caps, batch, out_caps] the last coupling coefficients (sum to 1 over out_caps).
@@ -70,6 +73,8 @@ def route_by_agreement(u_hat, iterations: int, gradients: str = "all", none_of_t
     for i in range(iterations):
         last = i == iterations - 1
         s = tf.matmul(c[:, :, None], u_hat if last else u_hat_agree)[:, :, 0]  # [batch, out_caps, dim]
+        if bias is not None:
+            s = s + bias
         v = squash(s)
         if last:
             return v, tf.transpose(c, [2, 0, 1])
@@ -165,30 +170,35 @@ class Conv(keras.layers.Layer):
       strides: the stride on both axes.
       relu: apply ReLU.
       forward_gradients: compute the gradients as forward convolutions (see `conv2d_valid`).
+      use_bias: add a learned bias per output channel.
 
     Input shape: [batch, H, W, C]. Output shape: [batch, (H - kernel_size) // strides + 1, ..., filters].
     """
 
-    def __init__(self, filters, kernel_size=9, strides=1, relu=False, forward_gradients=True, **kwargs):
+    def __init__(self, filters, kernel_size=9, strides=1, relu=False, forward_gradients=True, use_bias=True,
+                 **kwargs):
         super().__init__(**kwargs)
         _positive(filters=filters, kernel_size=kernel_size, strides=strides)
         self.filters, self.kernel_size, self.strides, self.relu = filters, kernel_size, strides, relu
-        self.forward_gradients = forward_gradients
+        self.forward_gradients, self.use_bias = forward_gradients, use_bias
 
     def build(self, input_shape):
         self.kernel = self.add_weight(name="kernel", initializer="glorot_uniform",
                                       shape=(self.kernel_size, self.kernel_size, input_shape[-1], self.filters))
-        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+        if self.use_bias:
+            self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
 
     def call(self, x):
         dtype = self.compute_dtype
-        y = conv2d_valid(tf.cast(x, dtype), tf.cast(self.kernel, dtype), self.strides,
-                         self.forward_gradients) + tf.cast(self.bias, dtype)
+        y = conv2d_valid(tf.cast(x, dtype), tf.cast(self.kernel, dtype), self.strides, self.forward_gradients)
+        if self.use_bias:
+            y = y + tf.cast(self.bias, dtype)
         return tf.nn.relu(y) if self.relu else y
 
     def get_config(self):
         return {**super().get_config(), "filters": self.filters, "kernel_size": self.kernel_size,
-                "strides": self.strides, "relu": self.relu, "forward_gradients": self.forward_gradients}
+                "strides": self.strides, "relu": self.relu, "forward_gradients": self.forward_gradients,
+                "use_bias": self.use_bias}
 
 
 @keras.saving.register_keras_serializable(package="capstf")
@@ -199,26 +209,37 @@ class PrimaryCapsules(keras.layers.Layer):
       types: capsule types (32 in the paper); each position of the output grid holds one of each.
       dim: capsule dimension (8).
       kernel_size, strides: of the convolution (9 and 2 in the paper).
-      forward_conv_gradients: see `conv2d_valid` (fast on oneDNN CPUs; False on GPUs).
+      forward_conv_gradients: see `conv2d_valid` (fast on AVX-512 CPUs; False on GPUs).
+      one_input_routing: as the authors' code builds it (models/capsule_model.py: a convolutional
+        capsule layer with one routing iteration from a single input capsule): the convolution
+        times the uniform coupling 1 / types, plus a bias [types, dim] starting at 0.1, then
+        squashed. False: the convolution with its own bias, squashed (the paper's text).
 
     Input shape: [batch, H, W, C] features. Output shape: [batch, grid_h * grid_w * types, dim],
     float32 (the convolution itself computes in the layer's dtype policy).
     """
 
-    def __init__(self, types, dim, kernel_size=9, strides=2, forward_conv_gradients=True, **kwargs):
+    def __init__(self, types, dim, kernel_size=9, strides=2, forward_conv_gradients=True, one_input_routing=False,
+                 **kwargs):
         super().__init__(**kwargs)
         _positive(types=types, dim=dim)
         self.types, self.dim, self.kernel_size, self.strides = types, dim, kernel_size, strides
-        self.forward_conv_gradients = forward_conv_gradients
+        self.forward_conv_gradients, self.one_input_routing = forward_conv_gradients, one_input_routing
         self.conv = Conv(types * dim, kernel_size, strides, forward_gradients=forward_conv_gradients,
-                         dtype=self.dtype_policy, name="conv")
+                         use_bias=not one_input_routing, dtype=self.dtype_policy, name="conv")
 
     def build(self, input_shape):
         self.conv.build(input_shape)
+        if self.one_input_routing:
+            self.bias = self.add_weight(name="bias", shape=(self.types, self.dim),
+                                        initializer=keras.initializers.Constant(0.1), dtype="float32")
 
     def call(self, features):
         x = tf.cast(self.conv(features), tf.float32)  # [batch, grid_h, grid_w, types * dim]
         in_caps = x.shape[1] * x.shape[2] * self.types
+        if self.one_input_routing:
+            grid = x.shape[1] * x.shape[2]
+            x = tf.reshape(x, [-1, grid, self.types, self.dim]) / self.types + self.bias
         return squash(tf.reshape(x, [-1, in_caps, self.dim]))  # [batch, in_caps, dim]
 
     def compute_output_shape(self, input_shape):
@@ -227,13 +248,14 @@ class PrimaryCapsules(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "types": self.types, "dim": self.dim, "kernel_size": self.kernel_size,
-                "strides": self.strides, "forward_conv_gradients": self.forward_conv_gradients}
+                "strides": self.strides, "forward_conv_gradients": self.forward_conv_gradients,
+                "one_input_routing": self.one_input_routing}
 
 
 @keras.saving.register_keras_serializable(package="capstf")
 class DigitCapsules(keras.layers.Layer):
     """One capsule per class; each input capsule i predicts each capsule j with its own W_ij,
-    and routing by agreement weighs the predictions (no bias, as in the paper).
+    and routing by agreement weighs the predictions.
 
     Args:
       num_capsules: parent capsules (10: one per class).
@@ -241,12 +263,14 @@ class DigitCapsules(keras.layers.Layer):
       routing_iters: routing iterations r (3 in the paper).
       routing_gradients: "all" (Procedure 1) or "final" (see `route_by_agreement`).
       none_of_the_above: an extra, dropped parent in the routing softmax (see `route_by_agreement`).
+      use_bias: a learned bias [num_capsules, dim], starting at 0.1, added to each s_j before the
+        squash (the authors' code; the paper has none).
 
     Input shape: [batch, in_caps, in_dim] (in_caps fixed). Output shape: [batch, num_capsules, dim].
     """
 
     def __init__(self, num_capsules, dim, routing_iters=3, routing_gradients="all", none_of_the_above=False,
-                 **kwargs):
+                 use_bias=False, **kwargs):
         kwargs["dtype"] = kwargs.get("dtype") or "float32"  # routing in float32 under mixed precision
         super().__init__(**kwargs)
         _positive(num_capsules=num_capsules, dim=dim, routing_iters=routing_iters)
@@ -254,18 +278,22 @@ class DigitCapsules(keras.layers.Layer):
             raise ValueError(f"routing_gradients={routing_gradients!r}: choose one of {ROUTING_GRADIENTS}")
         self.num_capsules, self.dim, self.routing_iters = num_capsules, dim, routing_iters
         self.routing_gradients, self.none_of_the_above = routing_gradients, none_of_the_above
+        self.use_bias = use_bias
 
     def build(self, input_shape):
         in_caps, in_dim = input_shape[1], input_shape[2]
         # W_ij for all i as one [in_caps, in_dim, num_capsules * dim] tensor: one batched matmul.
         self.w = self.add_weight(name="w", shape=(in_caps, in_dim, self.num_capsules * self.dim),
                                  initializer=keras.initializers.RandomNormal(stddev=0.01))
+        self.bias = self.add_weight(name="bias", shape=(self.num_capsules, self.dim),
+                                    initializer=keras.initializers.Constant(0.1)) if self.use_bias else None
 
     def call(self, u):
         u = tf.transpose(tf.cast(u, tf.float32), [1, 0, 2])  # [in_caps, batch, in_dim]
         u_hat = tf.matmul(u, self.w)  # [in_caps, batch, num_capsules * dim]
         u_hat = tf.reshape(u_hat, [tf.shape(u)[0], tf.shape(u)[1], self.num_capsules, self.dim])
-        v, _ = route_by_agreement(u_hat, self.routing_iters, self.routing_gradients, self.none_of_the_above)
+        v, _ = route_by_agreement(u_hat, self.routing_iters, self.routing_gradients, self.none_of_the_above,
+                                  self.bias)
         return v  # [batch, num_capsules, dim]
 
     def compute_output_shape(self, input_shape):
@@ -274,7 +302,7 @@ class DigitCapsules(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "num_capsules": self.num_capsules, "dim": self.dim,
                 "routing_iters": self.routing_iters, "routing_gradients": self.routing_gradients,
-                "none_of_the_above": self.none_of_the_above}
+                "none_of_the_above": self.none_of_the_above, "use_bias": self.use_bias}
 
 
 @keras.saving.register_keras_serializable(package="capstf")

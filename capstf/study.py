@@ -7,7 +7,7 @@ A study is a TOML file in pipelines/studies/ (table1.toml, affnist.toml, mnist-s
     match_checkpoints_on = "..."       # optional: compare runs at matched accuracy on this test set
     set = { ... }                      # optional: settings every run shares
     [test]                             # how runs are scored: split (test | validation),
-                                       #   partners_per_digit, limit
+                                       #   partners_per_digit, limit, also_test (below)
     [runlocal]                         # settings that shrink every run (--runlocal); "test.*" too
     [runs.NAME]                        # one training run each:
     recipe = "mnist"                   #   a recipe in pipelines/
@@ -17,7 +17,10 @@ A study is a TOML file in pipelines/studies/ (table1.toml, affnist.toml, mnist-s
     scored_on = ["mnist"]              #   or the test sets, where the paper gives no figure
 
 With split = "validation" every run is scored on the training digits it holds out
-(data.validation_digits), not on the test digits: a study for choosing settings.
+(data.validation_digits), not on the test digits: a study for choosing settings. With also_test =
+true as well, each run is then scored on the test digits too, in columns of their own that no
+choice reads: its final checkpoint, and its best checkpoint on them (the authors' code scores every
+checkpoint on test; this shows how much such a choice flatters a figure).
 
 Run NAME trains in <runs dir>/<study>/NAME/ (a rerun resumes it; a scored run is skipped), is
 scored on its test sets, and <runs dir>/<study>/results.md and results.json put every figure
@@ -49,7 +52,7 @@ from capstf.parallel import run_in_processes
 from capstf.train import train
 
 METRICS = ("error", "accuracy")
-TEST_SETTINGS = {"split": "test", "partners_per_digit": 0, "limit": 0}  # 0: the data set's own
+TEST_SETTINGS = {"split": "test", "partners_per_digit": 0, "limit": 0, "also_test": False}  # 0: the data set's own
 SPLITS = ("test", "validation")
 KEEP_EVERY_CHECKPOINT = 1_000_000
 
@@ -140,7 +143,7 @@ def run_config(study: Study, run: Run, data_dir=None, runlocal=False, overrides:
     settings = {**study.settings, **run.settings}
     if runlocal:
         settings.update({k: v for k, v in study.runlocal.items() if not k.startswith("test.")})
-    if study.match_checkpoints_on:
+    if study.match_checkpoints_on or study.test["also_test"]:
         settings["train.keep_checkpoints"] = KEEP_EVERY_CHECKPOINT
     if data_dir is not None:
         settings["data.data_dir"] = data_dir
@@ -160,6 +163,8 @@ def _check_test_settings(settings, where):
     _check_keys(settings, set(TEST_SETTINGS), where)
     if settings["split"] not in SPLITS:
         raise CapstfError(f"{where}: split must be one of {', '.join(SPLITS)}.")
+    if settings["also_test"] and settings["split"] != "validation":
+        raise CapstfError(f"{where}: also_test is for a study scored on held-out digits (split = \"validation\").")
 
 
 def score_checkpoint(run: Run, run_dir: Path, test: Mapping, checkpoint: str) -> Dict[str, object]:
@@ -175,15 +180,16 @@ def score_checkpoint(run: Run, run_dir: Path, test: Mapping, checkpoint: str) ->
     return scores
 
 
-def score_every_checkpoint(run: Run, run_dir: Path, test: Mapping, log) -> Dict[int, dict]:
-    """{step: {test set: accuracy}} for every checkpoint; scores are kept in the run dir, so a
-    rerun scores only the checkpoints it has not scored yet."""
-    cache = run_dir / "checkpoint_scores.json"
+def score_every_checkpoint(run: Run, run_dir: Path, test: Mapping, log,
+                           cache_name="checkpoint_scores.json") -> Dict[int, dict]:
+    """{step: {test set: accuracy}} for every checkpoint; scores are kept in the run dir (in
+    cache_name), so a rerun scores only the checkpoints it has not scored yet."""
+    cache = run_dir / cache_name
     scores = {int(k): v for k, v in read_json(cache).items()} if cache.is_file() else {}
     for step, path in list_checkpoints(run_dir):
         if step not in scores:
             scores[step] = score_checkpoint(run, run_dir, test, path)
-            log(f"{run_dir.name}: step {step}: " + ", ".join(f"{t} {scores[step][t]:.4f}" for t in run.test_sets))
+            log(f"{run_dir.name}: step {step} ({test['split']}): " + ", ".join(f"{t} {scores[step][t]:.4f}" for t in run.test_sets))
             write_json(cache, scores, indent=1)
     return scores
 
@@ -274,6 +280,9 @@ def train_and_score(study: Study, run: Run, trial: int, cfg, run_dir: Path, test
     else:
         step, path = list_checkpoints(run_dir)[-1]
         record["checkpoint_scores"] = {step: score_checkpoint(run, run_dir, test, path)}
+    if test["also_test"]:  # after every choice is made on held-out digits; read by none
+        record["test_checkpoint_scores"] = score_every_checkpoint(run, run_dir, {**test, "split": "test"}, log,
+                                                                  "checkpoint_test_scores.json")
     write_json(run_dir / "study_run.json", record, indent=1)
 
 
@@ -304,17 +313,24 @@ def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:
             else:  # a record from before capstf kept these: read them from its checkpoint, in its run dir
                 progress = training_progress(str(checkpoint_dir(trial_dir(out_dir, run.name, trial))
                                                  / Path(scores["checkpoint"]).name))
-            reported.append((trial, scores, *progress))
+            test_scores = read_json(trial_dir(out_dir, run.name, trial) / "study_run.json").get("test_checkpoint_scores")
+            reported.append((trial, scores, *progress, test_scores))
         for test_set in run.test_sets:
             cell = {"run": run.name, "row": run.row, "test_set": test_set, "paper_percent": run.paper.get(test_set),
                     "measured_percent": None, "std_percent": None, "trials": []}
-            for trial, scores, examples, seconds in reported:
-                accuracy = scores[test_set]
-                measured = 100 * (1 - accuracy) if study.metric == "error" else 100 * accuracy
+            percent = lambda accuracy: round(100 * (1 - accuracy) if study.metric == "error" else 100 * accuracy, 3)
+            for trial, scores, examples, seconds, test_scores in reported:
                 cell["parameters"], cell["overrides"] = scores["parameters"], overrides[run.name]
-                cell["trials"].append({"trial": trial, "seed": seeds[run.name, trial], "measured_percent": round(measured, 3),
+                cell["trials"].append({"trial": trial, "seed": seeds[run.name, trial],
+                                       "measured_percent": percent(scores[test_set]),
                                        "step": steps[trial][run.name], "examples_seen": examples,
                                        "train_seconds": round(seconds, 1)})
+                if test_scores:
+                    final = test_scores[str(steps[trial][run.name])]
+                    best_step = max(test_scores, key=lambda step: (test_scores[step][test_set], -int(step)))
+                    cell["trials"][-1].update(test_final_percent=percent(final[test_set]),
+                                              test_best_percent=percent(test_scores[best_step][test_set]),
+                                              test_best_step=int(best_step))
             values = [t["measured_percent"] for t in cell["trials"]]
             if values:
                 cell["measured_percent"] = round(statistics.mean(values), 3)
@@ -338,18 +354,27 @@ def results_markdown(results: Mapping) -> str:
                          f"{results['matched_on']}, the highest accuracy every run reached."
                          if level["percent"] is not None else f"{where} not all scored yet: no matched comparison.")
         lines.append("")
-    lines += [f"| row | test set | measured {results['metric']} (%) | paper (%) | parameters | step | examples seen "
-              "| training time | run |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    on_test = any("test_final_percent" in t for c in results["cells"] for t in c["trials"])
+    if on_test:
+        lines += ["Then each run was scored on the test digits, after every choice was made: its final checkpoint, "
+                  "and, as the authors' code reports, its best checkpoint on them (a choice made on test: "
+                  "read it as an upper bound, never to choose).", ""]
+    extra = " | test, final (%) | test, best checkpoint (%)" if on_test else ""
+    lines += [f"| row | test set | measured {results['metric']} (%) | paper (%){extra} | parameters | step | "
+              "examples seen | training time | run |", "| --- " * (9 + 2 * on_test) + "|"]
     for c in results["cells"]:
         paper = "" if c["paper_percent"] is None else c["paper_percent"]
         if c["measured_percent"] is None:
-            lines.append(f"| {c['row']} | {c['test_set']} | not run yet | {paper} | | | | | {c['run']} |")
+            lines.append(f"| {c['row']} | {c['test_set']} | not run yet | {paper} |" + " |" * (4 + 2 * on_test)
+                         + f" {c['run']} |")
             continue
         trials = c["trials"]
         measured = f"{c['measured_percent']:.2f}" if len(trials) == 1 else (
             f"{c['measured_percent']:.2f} +- {c['std_percent']:.2f} ({len(trials)} trials: "
             + ", ".join(f"{t['measured_percent']:.2f}" for t in trials) + ")")
-        lines.append(f"| {c['row']} | {c['test_set']} | {measured} | {paper} | {c['parameters']:,} | "
+        on_test_cells = "".join(f" | {_each_trial(trials, key, lambda v: '' if v is None else f'{v:.2f}')}"
+                                for key in ("test_final_percent", "test_best_percent")) if on_test else ""
+        lines.append(f"| {c['row']} | {c['test_set']} | {measured} | {paper}{on_test_cells} | {c['parameters']:,} | "
                      f"{_each_trial(trials, 'step', str)} | {_each_trial(trials, 'examples_seen', '{:,}'.format)} | "
                      f"{_each_trial(trials, 'train_seconds', _duration)} | {c['run']} |")
     trained_with = {c["run"]: c["overrides"] for c in results["cells"] if c.get("overrides")}
@@ -361,7 +386,7 @@ def results_markdown(results: Mapping) -> str:
 
 def _each_trial(trials, key, fmt) -> str:
     """Each trial's `key`, formatted, separated by " / "; one value where they agree (steps, examples)."""
-    values = [fmt(t[key]) for t in trials]
+    values = [fmt(t.get(key)) for t in trials]
     return values[0] if len(set(values)) == 1 else " / ".join(values)
 
 

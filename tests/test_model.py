@@ -174,6 +174,75 @@ def test_parameter_counts_match_the_paper():
     assert round(build_model(ModelConfig(kind="baseline")).count_params() / 1e6, 1) == 35.4
 
 
+# ------------------------------------------------ the authors' code, where it differs from the text
+
+def test_the_authors_margin_loss_balance_is_half_the_class_mean_of_their_per_class_cost():
+    """Their models/layers/layers.py `_margin_loss` on lengths - 0.5 with margin 0.4: per class
+    0.5 * present + 0.5 * 0.5 * absent, then `evaluate` averages over batch and classes."""
+    lengths = np.array([[0.95, 0.3, 0.05, 0.6, 0.1, 0.2, 0.9, 0.0, 0.45, 0.15],
+                        [0.5, 0.8, 0.2, 0.0, 0.3, 0.7, 0.12, 0.05, 0.6, 0.99]], np.float32)
+    targets = np.eye(10, dtype=np.float32)[[0, 1]] + np.eye(10, dtype=np.float32)[[0, 2]] * [[0], [1]]
+    logits = lengths - 0.5
+    positive = targets * (logits < 0.4) * (logits - 0.4) ** 2
+    negative = (1 - targets) * (logits > -0.4) * (logits + 0.4) ** 2
+    theirs = np.mean(0.5 * positive + 0.5 * 0.5 * negative, axis=1)  # per example; the batch mean follows
+    model = build_model(ModelConfig(input_size=28, digits_per_image=2, conv1_filters=8,
+                                    primary_caps_types=2, decoder=False, margin_loss_scale=0.05))
+    ours = model.per_example_losses({"probabilities": tf.constant(lengths)},  # labels as MultiMNIST's pairs
+                                    {"label": tf.constant([[0, 0], [1, 2]])})["loss"]
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+
+
+def squash_np(s):
+    norm = np.linalg.norm(s, axis=-1, keepdims=True)
+    return norm ** 2 / (1 + norm ** 2) * s / norm
+
+
+def test_capsule_biases_are_added_to_each_parents_input_before_every_squash():
+    """Procedure 1 with the authors' bias on s_j (their `_update_routing`), in numpy."""
+    from capstf.layers import DigitCapsules
+    rng = np.random.default_rng(0)
+    u = rng.normal(0, 0.3, [2, 12, 8]).astype(np.float32)  # [batch, in_caps, in_dim]
+    layer = DigitCapsules(3, 4, routing_iters=3, use_bias=True)
+    layer.build(u.shape)
+    np.testing.assert_array_equal(layer.bias.numpy(), np.float32(0.1))  # where theirs starts
+    layer.bias.assign(rng.normal(0, 0.5, [3, 4]))
+    w, bias = layer.w.numpy().reshape(12, 8, 3, 4), layer.bias.numpy()
+    u_hat = np.einsum("bid,idjk->bijk", u, w)  # [batch, in_caps, out_caps, dim]
+    logits = np.zeros(u_hat.shape[:3])
+    for _ in range(3):
+        c = np.exp(logits) / np.exp(logits).sum(axis=2, keepdims=True)  # softmax over the parents
+        v = squash_np(np.einsum("bij,bijk->bjk", c, u_hat) + bias)
+        logits = logits + np.einsum("bijk,bjk->bij", u_hat, v)
+    np.testing.assert_allclose(layer(tf.constant(u)).numpy(), v, rtol=1e-4, atol=1e-6)
+
+
+def test_one_input_routing_primary_capsules_are_the_convolution_over_the_types_plus_a_bias():
+    """The authors' PrimaryCaps: one routing iteration from one input capsule, so a uniform
+    coupling 1/types on the convolution (no convolution bias), then their [types, dim] bias."""
+    from capstf.layers import PrimaryCapsules
+    rng = np.random.default_rng(1)
+    features = rng.random([2, 11, 11, 5]).astype(np.float32)
+    layer = PrimaryCapsules(types=4, dim=3, kernel_size=3, strides=2, one_input_routing=True)
+    layer.build(features.shape)
+    assert sorted(tuple(w.shape) for w in layer.trainable_weights) == [(3, 3, 5, 12), (4, 3)]  # no conv bias
+    layer.bias.assign(rng.normal(0, 0.5, [4, 3]))
+    conv = tf.nn.conv2d(features, layer.conv.kernel, 2, "VALID").numpy()  # [2, 5, 5, 4 types x 3 dims]
+    expected = squash_np(conv.reshape(2, 25, 4, 3) / 4 + layer.bias.numpy()).reshape(2, 100, 3)
+    np.testing.assert_allclose(layer(tf.constant(features)).numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_capsule_biases_add_160_parameters_and_the_authors_decoder_starts_where_theirs_does():
+    model = build_model(ModelConfig(input_size=28, capsule_biases=True, decoder_init="truncated-normal-0.1"))
+    assert model.count_params() == 8_215_568 + 10 * 16 + 32 * 8 - 256  # PrimaryCaps' bias replaces the conv's
+    for layer in model.decoder.layers:
+        kernel = layer.kernel.numpy()
+        assert abs(kernel.std() - 0.088) < 0.005 and np.abs(kernel).max() <= 0.2  # truncated at 2 stddev
+        np.testing.assert_array_equal(layer.bias.numpy(), np.float32(0.1))
+    plain = build_model(ModelConfig(input_size=28, conv1_filters=8, primary_caps_types=2))
+    assert all(np.all(layer.bias.numpy() == 0) for layer in plain.decoder.layers)
+
+
 def test_margin_loss_equals_hand_computed_values():
     lengths = tf.constant([[0.95, 0.3, 0.05], [0.5, 0.8, 0.2]])
     targets = tf.constant([[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]])

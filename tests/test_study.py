@@ -30,6 +30,56 @@ def error_percent_on_first_test_digits(run_dir, test_digits, count):
     return error_percent(run_dir, test_digits.images[:count], test_digits.labels[:count])
 
 
+# The paper's Table 1 as printed (Sabour et al. 2017): method, routing iterations,
+# reconstruction, MNIST and MultiMNIST test error in percent (None: no figure).
+PAPER_TABLE_1 = [("baseline", None, None, 0.39, 8.1),
+                 ("capsnet", 1, False, 0.34, None),
+                 ("capsnet", 1, True, 0.29, 7.5),
+                 ("capsnet", 3, False, 0.35, None),
+                 ("capsnet", 3, True, 0.25, 5.2)]
+
+
+def test_every_table1_run_trains_the_model_of_the_paper_row_whose_figure_it_reports():
+    study = load_study("table1")
+    reported = []
+    for run in study.runs.values():
+        model = run_config(study, run).model
+        for test_set, figure in run.paper.items():
+            column = {"mnist": 3, "multimnist": 4}[test_set]
+            rows = [row for row in PAPER_TABLE_1 if row[column] == figure]
+            assert len(rows) == 1, (run.name, test_set, figure)  # a figure of the table, in its column
+            kind, routing, reconstruction = rows[0][:3]
+            assert model.kind == kind, run.name
+            if kind == "capsnet":
+                assert (model.routing_iters, model.decoder) == (routing, reconstruction), run.name
+            assert run.recipe == test_set  # MNIST rows train on MNIST, MultiMNIST rows on MultiMNIST
+            reported.append((test_set, figure))
+    paper = [(test_set, row[column]) for row in PAPER_TABLE_1
+             for test_set, column in (("mnist", 3), ("multimnist", 4)) if row[column] is not None]
+    assert sorted(reported) == sorted(paper)  # each of the paper's figures once
+
+
+def test_the_authors_study_chooses_on_held_out_digits_and_reports_the_test_digits_apart(tmp_path, test_digits):
+    results = run_study("authors", tmp_path, "sample", runlocal=True, only=("capsule-biases",), log=lambda msg: None)
+    run_dir = tmp_path / "authors" / "capsule-biases"
+    assert load_saved(run_dir).model.capsule_biases and load_saved(run_dir).data.validation_digits == 64
+    (trial,) = next(c for c in results["cells"] if c["run"] == "capsule-biases")["trials"]
+    checkpoints = list_checkpoints(run_dir)
+    assert [step for step, _ in checkpoints] == [2, 4]  # every checkpoint kept, to be scored on test
+    by_step = {}  # each checkpoint's error on the first 64 test digits (the study's runlocal test.limit)
+    for step, path in checkpoints:
+        model, _ = restore_for_inference(run_dir, load_saved(run_dir), path)
+        images = test_digits.images[:64, ..., None].astype(np.float32) / 255
+        predicted = np.argmax(model(images)["probabilities"].numpy(), axis=1)
+        by_step[step] = 100 * np.mean(predicted != test_digits.labels[:64])
+    assert trial["test_final_percent"] == pytest.approx(by_step[4], abs=1e-6)
+    best = min(by_step, key=lambda step: (by_step[step], step))
+    assert (trial["test_best_step"], trial["test_best_percent"]) == (best, pytest.approx(by_step[best], abs=1e-6))
+    assert trial["step"] == 4  # the reported figure stays the final checkpoint's, on held-out digits
+    markdown = (tmp_path / "authors" / "results.md").read_text()
+    assert "| test, final (%) | test, best checkpoint (%) |" in markdown and "never to choose" in markdown
+
+
 def test_table1_trains_scores_and_reports_each_run_beside_the_paper(tmp_path, test_digits):
     only = ("mnist-r1-no-reconstruction", "multimnist-r3")
     results = run_study("table1", tmp_path, "sample", runlocal=True, only=only, log=lambda msg: None)
@@ -254,6 +304,8 @@ def test_the_affnist_cnn_has_a_similar_number_of_parameters_to_the_capsnet():
     ('[runs.a]\nrecipe = "mnist"\nscored_on = ["mnits"]\n', r"\[runs.a\]: Unknown data set 'mnits'"),
     ('[test]\nsplit = "train"\n[runs.a]\nrecipe = "mnist"\nscored_on = ["mnist"]\n',
      r"\[test\]: split must be one of test, validation"),
+    ('[test]\nalso_test = true\n[runs.a]\nrecipe = "mnist"\nscored_on = ["mnist"]\n',
+     r"\[test\]: also_test is for a study scored on held-out digits"),
 ])
 def test_a_bad_study_file_gives_a_one_line_error_naming_the_problem(tmp_path, content, error):
     bad = tmp_path / "bad.toml"
@@ -263,7 +315,7 @@ def test_a_bad_study_file_gives_a_one_line_error_naming_the_problem(tmp_path, co
 
 
 def test_bad_study_input_gives_one_line_errors(tmp_path):
-    with pytest.raises(CapstfError, match="known studies: affnist, mnist-settings, table1"):
+    with pytest.raises(CapstfError, match="known studies: affnist, authors, mnist-settings, table1"):
         load_study("table2")
     with pytest.raises(CapstfError, match="--only mnist-r9: study table1 has the runs"):
         run_study("table1", tmp_path, "sample", only=("mnist-r9",))

@@ -83,9 +83,11 @@ def test_fused_adam_updates_like_keras_adam():
 
 def test_incompatible_model_dir_is_refused_and_other_changes_are_reported(tmp_path, capsys):
     train(small_config(steps=1), tmp_path, quiet=True)
-    for setting, message in (("conv1_filters", "conv1_filters: 32 -> 16"), ("decoder", "decoder: True -> False")):
+    for setting, value, message in (("conv1_filters", 16, "conv1_filters: 32 -> 16"),
+                                    ("decoder", False, "decoder: True -> False"),
+                                    ("capsule_biases", True, "capsule_biases: False -> True")):
         cfg = small_config(steps=2)
-        setattr(cfg.model, setting, 16 if setting == "conv1_filters" else False)
+        setattr(cfg.model, setting, value)
         with pytest.raises(CapstfError, match=message):
             train(cfg, tmp_path, quiet=True)
     capsys.readouterr()
@@ -94,6 +96,23 @@ def test_incompatible_model_dir_is_refused_and_other_changes_are_reported(tmp_pa
     train(cfg, tmp_path, quiet=True)
     assert "resumed from step 1; settings changed since: model.routing_iters: 3 -> 2; model.reconstruction_weight: " \
            "0.0005 -> 0.001; train.steps: 1 -> 2; train.learning_rate: 0.001 -> 0.002" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setting, value, message", [("data.validation_digits", 0, "validation_digits: 1000 -> 0"),
+                                                      ("train.seed", 1, "seed: 0 -> 1")])
+def test_a_resume_that_would_change_the_training_examples_is_refused(tmp_path, setting, value, message):
+    from capstf import config as config_lib
+    first = small_config(steps=4, checkpoint_every=4)
+    first.data.validation_digits = 1000
+    train(first, tmp_path / "run", quiet=True)
+    changed = small_config(steps=6)
+    changed.data.validation_digits = 1000
+    section, name = setting.split(".")
+    setattr(getattr(changed, section), name, value)
+    with pytest.raises(CapstfError, match=message):
+        train(changed, tmp_path / "run", quiet=True)
+    # A model dir with a config but no checkpoint yet has nothing to resume: the change is reported.
+    assert setting in config_lib.check_compatible(first, changed, tmp_path / "run", resuming=False)
 
 
 def test_multimnist_trains_and_scores_both_digits(tmp_path):
@@ -116,6 +135,14 @@ def test_multimnist_trains_and_scores_both_digits(tmp_path):
     (["train", "--dataset", "mnist", "--set", "train.eval_examples=-1"], "eval_examples must be at least 0"),
     (["train", "--dataset", "mnist", "--set", "train.decay_rate=0"], "decay_rate must be in (0, 1]"),
     (["train", "--dataset", "expanded-mnist", "--set", "data.min_scale=1.3"], "0 < min_scale <= max_scale"),
+    (["train", "--dataset", "mnist", "--set", "model.margin_loss_scale=0"], "margin_loss_scale must be above 0"),
+    (["train", "--dataset", "mnist", "--set", "model.kind=baseline", "--set", "model.capsule_biases=true"],
+     "model.capsule_biases is for CapsNets"),
+    (["train", "--dataset", "mnist", "--set", "model.kind=baseline", "--set", "model.margin_loss_scale=0.05"],
+     "model.margin_loss_scale is for CapsNets"),
+    (["train", "--dataset", "mnist", "--set", "model.decoder=false", "--set", "model.decoder_init=truncated-normal-0.1"],
+     "model.decoder_init needs a decoder"),
+    (["train", "--dataset", "mnist", "--set", "model.decoder_init=zeros"], "choose one of glorot-uniform, truncated-normal-0.1"),
     (["evaluate", "--model-dir", "/no/such/model"], "no trained model"),
 ])
 def test_bad_input_gives_a_clear_error(args, message, tmp_path):

@@ -1,7 +1,9 @@
 """CapsNet: Conv1 -> PrimaryCaps -> DigitCaps (routing by agreement) -> lengths, + decoder.
 
 The paper's MNIST model has 8,215,568 parameters (no DigitCaps bias; 6,804,224 without the
-decoder); on 36x36 MultiMNIST inputs it has 11,361,808.
+decoder); on 36x36 MultiMNIST inputs it has 11,361,808. With the authors' capsule biases
+(`model.capsule_biases`) it has 160 more: [10, 16] on DigitCaps, and PrimaryCaps' [32, 8] in place
+of its convolution's 256.
 """
 import keras
 import tensorflow as tf
@@ -11,6 +13,11 @@ from capstf.layers import CapsuleLength, CapsuleMask, Conv, DigitCapsules, Prima
 from capstf.model.base import Model
 
 KERNEL = 9  # both convolutions, as in the paper
+DECODER_INIT = {  # model.decoder_init -> the decoder's Dense initializers
+    "glorot-uniform": {},  # Keras' own: Glorot-uniform kernels, zero biases
+    # the authors' code (models/layers/variables.py): truncated normal 0.1, biases 0.1
+    "truncated-normal-0.1": {"kernel_initializer": keras.initializers.TruncatedNormal(stddev=0.1),
+                             "bias_initializer": keras.initializers.Constant(0.1)}}
 
 
 class CapsNet(Model):
@@ -34,10 +41,10 @@ class CapsNet(Model):
         self.conv1 = Conv(cfg.conv1_filters, KERNEL, strides=1, relu=True, forward_gradients=forward_conv_gradients,
                           dtype=precision, name="conv1")
         self.primary = PrimaryCapsules(cfg.primary_caps_types, cfg.primary_caps_dim, KERNEL, strides=2,
-                                       forward_conv_gradients=forward_conv_gradients, dtype=precision,
-                                       name="primary_caps")
+                                       forward_conv_gradients=forward_conv_gradients,
+                                       one_input_routing=cfg.capsule_biases, dtype=precision, name="primary_caps")
         self.digit = DigitCapsules(cfg.num_classes, cfg.digit_caps_dim, cfg.routing_iters, cfg.routing_gradients,
-                                   cfg.routing_none_of_the_above, name="digit_caps")
+                                   cfg.routing_none_of_the_above, use_bias=cfg.capsule_biases, name="digit_caps")
         self.length = CapsuleLength(name="length")
         self.jit_routing = jit_routing
         # Only a model with a decoder has a mask: a layer never called stays unbuilt, and Keras
@@ -46,11 +53,9 @@ class CapsNet(Model):
         if cfg.decoder:
             self.mask = CapsuleMask(cfg.digits_per_image, name="mask")
             pixels = cfg.input_size * cfg.input_size * cfg.channels
-            self.decoder = keras.Sequential([
-                keras.layers.Dense(512, activation="relu"),
-                keras.layers.Dense(1024, activation="relu"),
-                keras.layers.Dense(pixels, activation="sigmoid"),
-            ], name="decoder")
+            dense = lambda units, activation: keras.layers.Dense(units, activation, **DECODER_INIT[cfg.decoder_init])
+            self.decoder = keras.Sequential([dense(512, "relu"), dense(1024, "relu"), dense(pixels, "sigmoid")],
+                                            name="decoder")
         self(tf.zeros([1, cfg.input_size, cfg.input_size, cfg.channels]))  # creates the weights
 
     def call(self, images, labels=None, training=False):
@@ -122,7 +127,8 @@ class CapsNet(Model):
 
     def per_example_losses(self, out, batch):
         """Margin (+ weighted reconstruction) loss per example, and its parts."""
-        margin = losses.margin_loss(out["probabilities"], losses.multi_hot(batch["label"], self.cfg.num_classes))
+        margin = self.cfg.margin_loss_scale * losses.margin_loss(
+            out["probabilities"], losses.multi_hot(batch["label"], self.cfg.num_classes))
         result = {"margin_loss": margin, "loss": margin}
         if self.decoder is not None:
             targets = batch.get("components", batch["image"][:, None])
