@@ -135,11 +135,20 @@ def lock_model_dir(model_dir: Path):
     """An exclusive OS lock on model_dir/train.lock, held by the returned open file: a second
     trainer on the same model dir is refused, and a killed one leaves no stale lock behind
     (the OS drops the lock with the process)."""
-    handle = open(model_dir / "train.lock", "w")
+    path = model_dir / "train.lock"
+    try:
+        handle = open(path, "w")
+    except OSError as e:  # a read-only model dir, or one that is not ours
+        raise RuntimeFailure(f"Cannot write {path} ({e.strerror or e}): training needs a model dir it can "
+                             "write; fix its permissions or use another --model-dir.") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise CapstfError(f"{model_dir} is in use by another `capstf train` (it holds {model_dir / 'train.lock'}); "
+        raise CapstfError(f"{model_dir} is in use by another `capstf train` (it holds {path}); "
                           "wait for it to end or use another --model-dir.") from None
+    except OSError as e:  # a file system without locks (some network mounts)
+        handle.close()
+        raise RuntimeFailure(f"Cannot lock {path} ({e.strerror or e}): the model dir's file system does not "
+                             "support locks; use a --model-dir on one that does.") from None
     return handle

@@ -80,7 +80,8 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ModelConfig:
-    kind: str = "capsnet"            # capsnet | baseline (the paper's CNN)
+    kind: str = "capsnet"            # capsnet | baseline (the paper's CNN) | cnn-two-pools (the authors')
+                                     # | cnn-no-pooling (capstf.model.baseline)
     input_size: int = 28             # set from the data set's canvas
     channels: int = 1
     num_classes: int = 10
@@ -240,7 +241,7 @@ CHOICES = {"train.jit": ("auto", "routing", "step", "off"),
            "train.precision": ("auto", "float32", "mixed_bfloat16", "mixed_float16"),
            "train.distribute": ("auto", "mirrored", "multi-worker", "one-device"),
            "train.schedule": ("exponential", "cosine"),
-           "model.kind": ("capsnet", "baseline"),
+           "model.kind": ("capsnet", "baseline", "cnn-two-pools", "cnn-no-pooling"),
            "model.routing_gradients": ROUTING_GRADIENTS,
            "model.decoder_init": ("glorot-uniform", "truncated-normal-0.1")}
 AT_LEAST_1 = ("train.batch_size", "train.checkpoint_every", "train.decay_steps", "train.log_every",
@@ -275,11 +276,15 @@ def validate(cfg: Config):
     data, train, model = cfg.data, cfg.train, cfg.model
     if not model.margin_loss_scale > 0:
         raise CapstfError(f"model.margin_loss_scale must be above 0, got {model.margin_loss_scale}.")
-    if model.kind == "baseline":  # a CNN with a softmax: no capsules, margin loss or decoder
+    if model.kind != "capsnet":  # a CNN with a softmax: no capsules, margin loss or decoder
         for key in ("model.margin_loss_scale", "model.capsule_biases", "model.decoder_init"):
             if _setting(cfg, key) != getattr(ModelConfig, key.split(".")[1]):
-                raise CapstfError(f"{key} is for CapsNets; model.kind = baseline has no capsules.")
-    elif model.decoder_init != ModelConfig.decoder_init and not model.decoder:
+                raise CapstfError(f"{key} is for CapsNets; model.kind = {model.kind} has no capsules.")
+    if model.kind not in ("capsnet", "baseline") and (model.baseline_pool or
+                                                      model.baseline_hidden != ModelConfig.baseline_hidden):
+        raise CapstfError(f"model.baseline_pool and model.baseline_hidden shape model.kind = baseline; "
+                          f"{model.kind} has its own layers.")
+    if model.kind == "capsnet" and model.decoder_init != ModelConfig.decoder_init and not model.decoder:
         raise CapstfError("model.decoder_init needs a decoder; model.decoder is false.")
     if not 0 < train.learning_rate < 1:
         raise CapstfError(f"train.learning_rate must be in (0, 1), got {train.learning_rate}.")

@@ -12,8 +12,9 @@ from capstf.files import write_json
 from capstf.metrics import exact_match
 
 
-def score(model, dataset) -> dict:
-    """Runs the model over a finite dataset; returns accuracy, error and the example count."""
+def score(model, dataset, should_stop=None) -> dict:
+    """Runs the model over a finite dataset; returns accuracy, error and the example count, or
+    None if should_stop() turned true between two batches (a training asked to stop)."""
     @tf.function
     def count(batch):
         out = model(batch["image"], training=False)
@@ -21,6 +22,8 @@ def score(model, dataset) -> dict:
 
     correct = total = 0
     for batch in dataset:
+        if should_stop is not None and should_stop():
+            return None
         correct += int(count(batch))
         total += int(tf.shape(batch["label"])[0])
     if total == 0:

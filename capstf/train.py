@@ -95,6 +95,25 @@ def run_one_op_at_a_time():
         pass
 
 
+def check_workers_agree(strategy, step, examples_seen):
+    """Every worker must resume from the chief's state: one that cannot see its checkpoints (no
+    shared file system, another --model-dir) would start from step 0 with other weights, and
+    training would diverge or hang in a collective. Gathers each worker's step and examples
+    seen; where they differ, every worker refuses to start, naming the workers that differ."""
+    cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+    workers = len(cluster.get("chief", [])) + len(cluster.get("worker", []))
+    mine = tf.constant([[step, examples_seen]], tf.int64)
+    every = strategy.gather(strategy.experimental_distribute_values_from_function(lambda ctx: mine), axis=0).numpy()
+    # One row per replica, the replicas in task order (the chief first): one row per worker.
+    states = [tuple(int(v) for v in row) for row in every[::strategy.num_replicas_in_sync // workers]]
+    if len(set(states)) > 1:
+        differ = [f"worker {i} is at step {s} ({e:,} examples seen)" for i, (s, e) in enumerate(states)
+                  if (s, e) != states[0]]
+        raise CapstfError(f"The workers did not restore the same state: the chief is at step {states[0][0]} "
+                          f"({states[0][1]:,} examples seen), {', '.join(differ)}. Every worker must see the "
+                          "chief's checkpoints: give all of them the same --model-dir on a shared file system.")
+
+
 def is_chief(strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
@@ -138,9 +157,12 @@ def build_state(cfg, jit, precision, total_steps=1, forward_conv_gradients=True)
     if precision == "mixed_float16":  # float16 gradients underflow without loss scaling
         optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     optimizer.build(model.trainable_variables)
-    # examples_seen is the data position to resume from (steps x batch size would be wrong
-    # after a change of --batch-size); train_seconds adds up the training time over resumes.
+    # steps_done counts the training steps (float16's loss scaling skips the update of a step
+    # whose gradients overflow, so the optimizer's own count falls behind); examples_seen is the
+    # data position to resume from (steps x batch size would be wrong after a change of
+    # --batch-size); train_seconds adds up the training time over resumes.
     checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
+                                     steps_done=tf.Variable(0, dtype=tf.int64, trainable=False),
                                      examples_seen=tf.Variable(0, dtype=tf.int64, trainable=False),
                                      train_seconds=tf.Variable(0.0, dtype=tf.float64, trainable=False))
     return model, optimizer, checkpoint
@@ -149,10 +171,21 @@ def build_state(cfg, jit, precision, total_steps=1, forward_conv_gradients=True)
 # ---------------------------------------------------------------------------- the loop
 
 def train(cfg, model_dir, quiet=None) -> dict:
-    """Trains (or resumes) the experiment `cfg` in model_dir; returns the final metrics."""
-    model_dir = Path(model_dir)
+    """Trains (or resumes) the experiment `cfg` in model_dir; returns the final metrics.
+
+    A SIGTERM or Ctrl-C during the setup (data loading, restore) ends the run at once; in the
+    loop it stops the run after the step in progress and the next (which carries the request to
+    every worker), checkpointed. An evaluation it interrupts is cut short after its current batch.
+    """
+    with StopSignals() as signals:
+        return run_training(cfg, Path(model_dir), quiet, signals)
+
+
+def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
+    """`train`, with the StopSignals that are active from its start."""
     quiet = (not sys.stderr.isatty()) if quiet is None else quiet
     strategy = make_strategy(cfg.train.distribute)
+    signals.install()  # again: MultiWorkerMirroredStrategy puts TensorFlow's own SIGTERM handler in place
     jit, precision, forward_conv_gradients = device_defaults(cfg.train)
     chief = is_chief(strategy)
     train_examples, validation_examples = load_training_split(
@@ -185,10 +218,13 @@ def train(cfg, model_dir, quiet=None) -> dict:
         set_aside_damaged(model_dir, restored)
     own_checkpoints = checkpoint_dir(model_dir, None if chief else strategy.cluster_resolver.task_id)
     manager = tf.train.CheckpointManager(checkpoint, str(own_checkpoints), cfg.train.keep_checkpoints)
-    start = int(optimizer.iterations.numpy())
+    # Checkpoints written before capstf counted steps hold 0: their count is the optimizer's.
+    start = int(checkpoint.steps_done.numpy()) or int(optimizer.iterations.numpy())
     # Checkpoints written before capstf counted examples hold 0: their position is steps x batch.
     start_example = int(checkpoint.examples_seen.numpy()) or start * global_batch
     trained_before = float(checkpoint.train_seconds.numpy())
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        check_workers_agree(strategy, start, start_example)
     if start:
         log(f"resumed from step {start}" + (f"; already trained past --steps {total_steps}" if start >= total_steps else "")
             + (f"; settings changed since: {config_lib.describe_changes(changed)}" if changed else ""))
@@ -204,8 +240,14 @@ def train(cfg, model_dir, quiet=None) -> dict:
     writer = tf.summary.create_file_writer(str(model_dir / "train")) if chief else tf.summary.create_noop_writer()
     sums, t0, seen = {}, time.perf_counter(), 0
     run_start, eval_seconds = t0, 0.0
+    # The step of the chief's newest good checkpoint, the same on every worker (they restored the
+    # same one, and save together): whether to save at the end is decided from it, not from a
+    # worker's own scratch checkpoints, which a finished run deletes.
+    saved_step = [start if restored else None]
 
     def save(step):
+        saved_step[0] = step
+        checkpoint.steps_done.assign(step)
         checkpoint.examples_seen.assign(start_example + (step - start) * global_batch)
         checkpoint.train_seconds.assign(trained_before + time.perf_counter() - run_start - eval_seconds)
         last_good = manager.latest_checkpoint
@@ -217,15 +259,18 @@ def train(cfg, model_dir, quiet=None) -> dict:
                                  "is intact: free space or fix the folder, then rerun to resume.") from None
 
     def save_unless_saved(step):
-        if manager.latest_checkpoint is None or not manager.latest_checkpoint.endswith(f"-{step}"):
+        if saved_step[0] != step:
             save(step)
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=quiet or not chief, dynamic_ncols=True)
     result = {"step": start}
     stopped = False  # by a stop request on any worker
-    with writer.as_default(), StopSignals() as signals:
+    done = start  # the last step finished
+    signals.noting = True  # from here a stop request is checkpointed, not raised
+    with writer.as_default():
         try:
             for step in range(start + 1, total_steps + 1):
                 metrics = {k: float(v) for k, v in train_step(batches, signals.received is not None).items()}
+                done = step
                 stopped = metrics.pop("stop_requests") > 0
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
@@ -247,30 +292,34 @@ def train(cfg, model_dir, quiet=None) -> dict:
                 if chief and eval_data is not None and (step % steps_per_epoch == 0 or step == total_steps):
                     eval_start = time.perf_counter()
                     ev = score(model, make_dataset(cfg.data, eval_data, "test", 100, cfg.train.seed,
-                                                   limit=cfg.train.eval_examples))
-                    tf.summary.scalar(f"{eval_split}_accuracy", ev["accuracy"], step=step)
-                    log(f"step {step} (epoch {step / steps_per_epoch:.2f}): {eval_split} accuracy "
-                        f"{ev['accuracy']:.4f} on {ev['examples']} examples; trained "
-                        f"{eval_start - run_start - eval_seconds:.0f} s in this run")
+                                                   limit=cfg.train.eval_examples),
+                               should_stop=lambda: signals.received is not None)
+                    if ev is None:  # a stop request: its grace period is not the evaluation's to spend
+                        log(f"step {step}: the {eval_split} evaluation was cut short by {signals.received}")
+                    else:
+                        tf.summary.scalar(f"{eval_split}_accuracy", ev["accuracy"], step=step)
+                        log(f"step {step} (epoch {step / steps_per_epoch:.2f}): {eval_split} accuracy "
+                            f"{ev['accuracy']:.4f} on {ev['examples']} examples; trained "
+                            f"{eval_start - run_start - eval_seconds:.0f} s in this run")
+                        result[f"{eval_split}_accuracy"] = ev["accuracy"]
                     spent = time.perf_counter() - eval_start
                     eval_seconds += spent
                     t0 += spent  # examples/s counts training only
-                    result[f"{eval_split}_accuracy"] = ev["accuracy"]
                 if stopped:
                     break
         except KeyboardInterrupt:  # a second Ctrl-C: keep every finished step where saving is ours alone
             if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-                save_unless_saved(int(optimizer.iterations.numpy()))
+                save_unless_saved(done)
             raise
-        save_unless_saved(int(optimizer.iterations.numpy()))
+        save_unless_saved(done)
     bar.close()
     if lock:
         lock.close()
-    if stopped and int(optimizer.iterations.numpy()) < total_steps:  # at the last step: simply done
+    if stopped and done < total_steps:  # at the last step: simply done
         if signals.received == "SIGINT":
             raise KeyboardInterrupt
         raise Preempted(f"stopped by {signals.received or 'a stop request to another worker'} after step "
-                        f"{int(optimizer.iterations.numpy())} of {total_steps}, checkpointed in {own_checkpoints}; "
+                        f"{done} of {total_steps}, checkpointed in {own_checkpoints}; "
                         "rerun the same command to resume.")
     if not chief:  # workers save only because saving is collective; their copies are scratch
         shutil.rmtree(own_checkpoints, ignore_errors=True)
@@ -280,19 +329,33 @@ def train(cfg, model_dir, quiet=None) -> dict:
 
 class StopSignals:
     """While active, SIGTERM (what Kubernetes and batch schedulers send before a kill) and a first
-    Ctrl-C only note that a stop was asked for (`received`: the signal's name). The loop passes
-    the request through the next step's all-reduce, so that every worker, whichever one was
-    signalled, stops after the same step and writes its checkpoint with the others (saving is
-    collective). A second Ctrl-C interrupts at once."""
+    Ctrl-C stop training. Before `noting` is set (the setup: nothing of this run is trained yet,
+    so nothing is lost) they raise at once: Preempted, or KeyboardInterrupt. After it they only
+    note that a stop was asked for (`received`: the signal's name): the loop passes the request
+    through the next step's all-reduce, so that every worker, whichever one was signalled, stops
+    after the same step and writes its checkpoint with the others (saving is collective). A
+    second Ctrl-C interrupts at once."""
 
     def __enter__(self):
-        self.received = None
+        self.received, self.noting = None, False
         self.previous = {}
         if threading.current_thread() is threading.main_thread():  # signals reach the main thread
-            self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+            self.previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+            self.install()
         return self
 
+    def install(self):
+        """(Re)installs the handlers: TensorFlow's C++ runtime may have replaced them since (a
+        replaced handler still shows as ours in signal.getsignal)."""
+        for sig in self.previous:
+            signal.signal(sig, self._handle)
+
     def _handle(self, signum, frame):
+        if not self.noting:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise Preempted(f"stopped by {signal.Signals(signum).name} before training began; nothing of this "
+                            "run was trained: rerun the same command to start (or resume) it.")
         self.received = self.received or signal.Signals(signum).name
         if signum == signal.SIGINT:  # the next Ctrl-C: Python's KeyboardInterrupt again
             signal.signal(signal.SIGINT, self.previous[signal.SIGINT])

@@ -107,20 +107,60 @@ def test_a_second_trainer_on_a_model_dir_in_use_is_refused_but_a_killed_ones_loc
     assert train(small_config(steps=2), tmp_path, quiet=True)["step"] == 2  # the OS dropped the lock
 
 
+def test_two_real_trainers_on_one_model_dir_the_second_refused_in_one_line(tmp_path):
+    command = [sys.executable, "-m", "capstf.cli", "train", "--dataset", "mnist", "--data-dir", "sample", "--runlocal",
+               "--model-dir", str(tmp_path / "run"), "--steps", "100000", "--set", "model.conv1_filters=16",
+               "--set", "model.primary_caps_types=4"]
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert first.stdout.readline().startswith("capstf: training mnist")  # it holds the lock by now
+        second = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert second.stderr.strip().splitlines()[-1].startswith(f"capstf: error: {tmp_path / 'run'} is in use by")
+        assert first.poll() is None  # the first trains on
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=120)
+
+
+@pytest.mark.parametrize("failure, message", [
+    ("open", "Cannot write .*train.lock \\(Read-only file system\\): training needs a model dir it can write"),
+    ("flock", "Cannot lock .*train.lock \\(No locks available\\): the model dir's file system does not support locks")])
+def test_a_model_dir_that_cannot_be_locked_is_one_line(tmp_path, monkeypatch, failure, message):
+    import builtins
+
+    from capstf import checkpoints
+    if failure == "open":
+        real_open = builtins.open
+        monkeypatch.setattr(builtins, "open", lambda path, *a, **k: (_ for _ in ()).throw(
+            OSError(errno.EROFS, "Read-only file system")) if str(path).endswith("train.lock") else real_open(path, *a, **k))
+    else:
+        monkeypatch.setattr(checkpoints.fcntl, "flock", lambda *a: (_ for _ in ()).throw(
+            OSError(errno.ENOLCK, "No locks available")))
+    with pytest.raises(RuntimeFailure, match=message):
+        train(small_config(steps=1), tmp_path, quiet=True)
+
+
 def test_a_worker_never_reads_a_half_written_config_while_the_chief_rewrites_it(tmp_path):
     # At every (re)start the chief rewrites config.json while the other workers read it; a
     # worker that saw it empty failed with a JSONDecodeError traceback (seen in a resumed run).
     from capstf import config as config_lib
     cfg = small_config(steps=1)
     config_lib.save(cfg, tmp_path)
-    read = ("import json, sys\nbad = 0\nfor _ in range(3000):\n"
-            "    try: json.loads(open(sys.argv[1]).read())\n    except ValueError: bad += 1\nprint(bad)")
-    reader = subprocess.Popen([sys.executable, "-c", read, str(tmp_path / "config.json")], stdout=subprocess.PIPE, text=True)
-    rewrites = 0
-    while reader.poll() is None:
+    # The reader reads until told to stop; the chief rewrites 300 times meanwhile, however fast
+    # either goes on a busy machine.
+    stop = tmp_path.parent / f"{tmp_path.name}.stop"
+    read = ("import json, os, sys\nbad = reads = 0\nprint('reading', flush=True)\nwhile True:\n"
+            "    try: json.loads(open(sys.argv[1]).read())\n    except ValueError: bad += 1\n"
+            "    reads += 1\n    if os.path.exists(sys.argv[2]): break\nprint(bad, reads)")
+    reader = subprocess.Popen([sys.executable, "-c", read, str(tmp_path / "config.json"), str(stop)],
+                              stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline().strip() == "reading"
+    for _ in range(300):
         config_lib.save(cfg, tmp_path)
-        rewrites += 1
-    assert rewrites > 100 and reader.stdout.read().strip() == "0"
+    stop.touch()
+    bad, reads = map(int, reader.communicate(timeout=60)[0].split())
+    assert bad == 0 and reads >= 1
     assert config_lib.load_saved(tmp_path) == cfg and [p.name for p in tmp_path.iterdir()] == ["config.json"]
 
 
@@ -190,15 +230,28 @@ def test_a_full_disk_mid_run_is_a_clear_error_and_the_last_checkpoint_stays_good
 
     def save(self, *args, **kwargs):
         saves.append(1)
-        if len(saves) == 2:
+        if len(saves) == 2:  # the disk fills halfway through the step-4 data file
+            folder = tmp_path / "run" / "checkpoints"
+            written = (folder / "ckpt-2.data-00000-of-00001").read_bytes()
+            (folder / "ckpt-4.data-00000-of-00001").write_bytes(written[:len(written) // 2])
             raise tf.errors.ResourceExhaustedError(None, None, "No space left on device")
         return real_save(self, *args, **kwargs)
     monkeypatch.setattr(tf.train.CheckpointManager, "save", save)
+    cfg = small_config(steps=6, checkpoint_every=2)
     with pytest.raises(RuntimeFailure, match="Cannot write the step-4 checkpoint .*No space left.*ckpt-2, is intact"):
-        train(small_config(steps=6, checkpoint_every=2), tmp_path, quiet=True)
+        train(cfg, tmp_path / "run", quiet=True)
     monkeypatch.undo()
-    step, _ = weights(tmp_path, small_config())
+    step, _ = weights(tmp_path / "run", cfg)
     assert step == 2
+    # Space freed, the same command: it goes on from step 2, past the half-written file.
+    assert train(cfg, tmp_path / "run", quiet=True)["step"] == 6
+    train(cfg, tmp_path / "straight", quiet=True)
+    assert [s for s, _ in list_checkpoints(tmp_path / "run")] == [2, 4, 6]
+    tf.train.load_checkpoint(list_checkpoints(tmp_path / "run")[1][1])  # step 4 written whole this time
+    (step_a, a), (step_b, b) = weights(tmp_path / "straight", cfg), weights(tmp_path / "run", cfg)
+    assert step_a == step_b == 6
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(y, x, rtol=1e-5, atol=1e-6)
 
 
 def capstf_train(model_dir, steps, **popen):
@@ -231,6 +284,48 @@ def test_sigterm_checkpoints_the_current_step_and_the_same_command_resumes(tmp_p
     assert step_a == step_b == 200
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_a_sigterm_while_the_data_loads_stops_at_once_with_the_preemption_exit(tmp_path, monkeypatch):
+    import capstf.train as train_module
+    from capstf.errors import Preempted
+    load = train_module.load_training_split
+
+    def load_then_get_a_sigterm(*args):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered while the digits load
+        return load(*args)
+    monkeypatch.setattr(train_module, "load_training_split", load_then_get_a_sigterm)
+    with pytest.raises(Preempted, match="stopped by SIGTERM before training began") as stopped:
+        train(small_config(steps=3), tmp_path / "run", quiet=True)
+    assert stopped.value.exit_code == 143 and not list_checkpoints(tmp_path / "run")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
+
+
+def test_a_sigterm_during_an_evaluation_cuts_it_short_and_checkpoints_the_next_step(tmp_path, monkeypatch, capsys):
+    import capstf.train as train_module
+    from capstf.errors import Preempted
+    make_dataset, evaluated = train_module.make_dataset, []
+
+    def evaluation_that_gets_a_sigterm(cfg, examples, split, batch_size, *args, **kwargs):
+        data = make_dataset(cfg, examples, split, batch_size, *args, **kwargs)
+        if split != "test" or batch_size != 100:  # not the per-epoch evaluation
+            return data
+
+        def batches():
+            for i, batch in enumerate(data):
+                evaluated.append(i)
+                if i == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)  # arrives once the first batch is scored
+                yield batch
+        return batches()
+    monkeypatch.setattr(train_module, "make_dataset", evaluation_that_gets_a_sigterm)
+    cfg = small_config(steps=10, eval_examples=500)  # 5 batches of 100 after each epoch
+    cfg.data.validation_digits = 4900  # 100 training digits: an epoch is 3 steps
+    with pytest.raises(Preempted, match="stopped by SIGTERM after step 4 of 10"):
+        train(cfg, tmp_path, quiet=True)
+    assert evaluated == [0, 1]  # 5 batches to score; the second, which came with the request, was not
+    assert "step 3: the validation evaluation was cut short by SIGTERM" in capsys.readouterr().out
+    assert list_checkpoints(tmp_path)[-1][0] == 4
 
 
 def test_export_verifies_on_the_digits_named_by_data_dir(tmp_path):

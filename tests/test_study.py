@@ -239,7 +239,7 @@ def test_affnist_compares_the_models_at_matched_expanded_accuracy_within_each_tr
     for trial, suffix in ((1, ""), (2, "-trial2")):
         scores = {run: {int(step): s for step, s in json.loads(
             (tmp_path / "affnist" / f"{run}{suffix}" / "checkpoint_scores.json").read_text()).items()}
-            for run in ("capsnet", "cnn")}
+            for run in load_study("affnist").runs}
         assert sorted(scores["capsnet"]) == [2, 4]  # every checkpoint scored, none deleted
         level = min(max(s["expanded-mnist"] for s in run.values()) for run in scores.values())
         assert results["matched_levels"][trial - 1] == {"trial": trial, "percent": pytest.approx(100 * level, abs=1e-3)}
@@ -294,6 +294,12 @@ def test_the_affnist_cnn_has_a_similar_number_of_parameters_to_the_capsnet():
               for name, run in study.runs.items()}
     assert counts["capsnet"] == 13_475_648
     assert abs(counts["cnn"] / counts["capsnet"] - 1) < 0.01
+    # The CNNs others compared with, on 40x40 inputs, their layers counted by hand:
+    two_pools = (5 * 5 * 512 + 512) + (5 * 5 * 512 * 256 + 256) + (10 * 10 * 256 * 1024 + 1024) + (1024 * 10 + 10)
+    batch_norm = 4  # per channel: scale, offset, moving mean, moving variance
+    no_pooling = (5 * 5 * 256 + batch_norm * 256) + (5 * 5 * 256 * 256 + batch_norm * 256) + \
+        (5 * 5 * 256 * 128 + batch_norm * 128) + (28 * 28 * 128 * 328 + 328) + (328 * 192 + 192) + (192 * 10 + 10)
+    assert (counts["cnn-two-pools"], counts["cnn-no-pooling"]) == (two_pools, no_pooling)
 
 
 @pytest.mark.parametrize("content,error", [

@@ -16,7 +16,7 @@ from capstf import config as config_lib
 from capstf.cli import main
 from capstf.errors import CapstfError
 from capstf.evaluate import evaluate
-from capstf.checkpoints import restore_for_inference
+from capstf.checkpoints import list_checkpoints, restore_for_inference
 from capstf.train import FusedAdam, build_state, device_defaults, train
 
 
@@ -143,6 +143,8 @@ def test_multimnist_trains_and_scores_both_digits(tmp_path):
     (["train", "--dataset", "mnist", "--set", "model.decoder=false", "--set", "model.decoder_init=truncated-normal-0.1"],
      "model.decoder_init needs a decoder"),
     (["train", "--dataset", "mnist", "--set", "model.decoder_init=zeros"], "choose one of glorot-uniform, truncated-normal-0.1"),
+    (["train", "--dataset", "expanded-mnist", "--set", "model.kind=cnn-two-pools", "--set", "model.baseline_pool=true"],
+     "model.baseline_pool and model.baseline_hidden shape model.kind = baseline"),
     (["evaluate", "--model-dir", "/no/such/model"], "no trained model"),
 ])
 def test_bad_input_gives_a_clear_error(args, message, tmp_path):
@@ -205,17 +207,19 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_two_workers(model_dir, steps, checkpoint_every=2, *extra_args):
-    """`capstf train` as two MultiWorkerMirroredStrategy workers on 127.0.0.1 (Popen objects)."""
+def start_two_workers(model_dir, steps, checkpoint_every=2, *extra_args, second_model_dir=None):
+    """`capstf train` as two MultiWorkerMirroredStrategy workers on 127.0.0.1 (Popen objects);
+    worker 1 is told second_model_dir, if given (as if it could not see worker 0's)."""
     ports = [free_port(), free_port()]
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
-    args = [sys.executable, "-m", "capstf.cli", "train", "--dataset", "mnist", "--data-dir", "sample",
-            "--model-dir", str(model_dir), "--steps", str(steps), "--batch-size", "16",
-            "--distribute", "multi-worker", "--precision", "float32", "--checkpoint-every", str(checkpoint_every),
-            "--set", "model.conv1_filters=16", "--set", "model.primary_caps_types=4", *extra_args]
-    return [subprocess.Popen(args, env={**os.environ, "TF_CONFIG": json.dumps(
-        {"cluster": cluster, "task": {"type": "worker", "index": i}})}, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    args = lambda model_dir: [
+        sys.executable, "-m", "capstf.cli", "train", "--dataset", "mnist", "--data-dir", "sample",
+        "--model-dir", str(model_dir), "--steps", str(steps), "--batch-size", "16",
+        "--distribute", "multi-worker", "--precision", "float32", "--checkpoint-every", str(checkpoint_every),
+        "--set", "model.conv1_filters=16", "--set", "model.primary_caps_types=4", *extra_args]
+    return [subprocess.Popen(args(second_model_dir if i and second_model_dir else model_dir), env={
+        **os.environ, "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
 
 
 def run_two_workers(model_dir, steps, checkpoint_every=2):
@@ -233,6 +237,21 @@ def test_two_workers_train_under_multi_worker_mirrored(tmp_path):
     assert final["step"] == 3 and np.isfinite(final["loss"])
     assert (tmp_path / "run" / "checkpoints" / "ckpt-3.index").is_file()
     assert not (tmp_path / "run" / "worker_scratch" / "1").exists()
+    # A worker that cannot see the chief's checkpoints (here: another --model-dir) would start
+    # from step 0 with other weights: every worker refuses, naming it.
+    workers = start_two_workers(tmp_path / "run", 5, second_model_dir=tmp_path / "not-shared")
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [2, 2], outputs
+    for output in outputs:
+        assert "capstf: error: The workers did not restore the same state: the chief is at step 3 (48 examples " \
+               "seen), worker 1 is at step 0 (0 examples seen)" in output and "Traceback" not in output
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [2, 3]  # nothing trained
+    # The finished run again, with the same --steps: worker 1's scratch went with the first run,
+    # and neither worker may save alone (saving is collective: the other would wait forever).
+    workers = start_two_workers(tmp_path / "run", 3)
+    outputs = [w.communicate(timeout=120)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    assert "resumed from step 3; already trained past --steps 3" in outputs[0]
 
 
 @pytest.mark.parametrize("gpus, precision", [([(9, 0)], "mixed_bfloat16"), ([(8, 0), (8, 6)], "mixed_bfloat16"),
@@ -395,6 +414,24 @@ def test_the_loss_scaled_float16_step_applies_the_float32_gradient(step_batch):
             continue  # their first gradients (~1e-10) leave updates at the rounding of their weights
         assert np.abs(full).max() > 0
         np.testing.assert_allclose(half, full, atol=0.05 * np.abs(full).max())  # float16 convolutions
+
+
+def test_float16_steps_whose_update_is_skipped_still_count(tmp_path, monkeypatch):
+    """A scale that overflows every float16 gradient: the loss-scale optimizer skips each update
+    (halving its scale) and its iteration count stays 0, while 4 steps of data went by."""
+    class Overflowing(keras.optimizers.LossScaleOptimizer):
+        def __init__(self, inner_optimizer, **kwargs):
+            super().__init__(inner_optimizer, initial_scale=2.0 ** 100, **kwargs)
+    monkeypatch.setattr(keras.optimizers, "LossScaleOptimizer", Overflowing)  # what build_state makes
+    cfg = small_config(steps=4, precision="mixed_float16", checkpoint_every=100)
+    result = train(cfg, tmp_path, quiet=True)
+    assert (result["step"], result["examples_seen"]) == (4, 4 * 32)
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [4]
+    reader = tf.train.load_checkpoint(list_checkpoints(tmp_path)[-1][1])
+    assert reader.get_tensor("optimizer/inner_optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE") == 0  # all skipped
+    resumed = train(small_config(steps=6, precision="mixed_float16", checkpoint_every=100), tmp_path, quiet=True)
+    assert (resumed["step"], resumed["examples_seen"]) == (6, 6 * 32)  # 2 more steps, not 6
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [4, 6]
 
 
 def test_evaluate_starts_without_tensorflow_log_lines(trained_mnist):
