@@ -34,7 +34,7 @@ mostly idle.
 
 With match_checkpoints_on, every run keeps all its checkpoints and each is scored on every test
 set; the runs are then compared at the checkpoints whose accuracy on that test set is closest to
-the highest level all runs reach, so no run wins by being trained longer.
+the highest level all runs reach (those scored so far), so no run wins by being trained longer.
 """
 import dataclasses
 import statistics
@@ -288,7 +288,7 @@ def train_and_score(study: Study, run: Run, trial: int, cfg, run_dir: Path, test
 
 def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:
     """Every scored trial's figures beside the paper's (runs not yet scored are listed as such).
-    A matched study is matched within each trial: trial k of every run against trial k of the others."""
+    A matched study is matched within each trial: trial k of every run scored against trial k of the others."""
     records = {}  # trial -> run -> {step: scores}
     seeds, overrides = {}, {}
     for run_name in study.runs:
@@ -299,7 +299,7 @@ def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:
             overrides[run_name] = record.get("overrides", {})
     levels, steps = {}, {}  # trial -> matched level; trial -> run -> the step reported
     for trial, by_run in sorted(records.items()):
-        if study.match_checkpoints_on and len(by_run) == len(study.runs):
+        if study.match_checkpoints_on and len(by_run) >= 2:  # those scored so far (--only picks some)
             levels[trial], steps[trial] = matched_steps(by_run, study.match_checkpoints_on)
         else:
             levels[trial], steps[trial] = None, {run: max(scores) for run, scores in by_run.items()}
@@ -352,7 +352,7 @@ def results_markdown(results: Mapping) -> str:
             where = f"Trial {level['trial']}: runs" if len(results["matched_levels"]) > 1 else "Runs"
             lines.append(f"{where} compared at their checkpoints closest to {level['percent']}% on "
                          f"{results['matched_on']}, the highest accuracy every run reached."
-                         if level["percent"] is not None else f"{where} not all scored yet: no matched comparison.")
+                         if level["percent"] is not None else f"{where} not compared: fewer than two scored yet.")
         lines.append("")
     on_test = any("test_final_percent" in t for c in results["cells"] for t in c["trials"])
     if on_test:

@@ -279,6 +279,21 @@ def test_a_study_sets_what_all_runs_share_under_each_runs_own_settings():
     assert (reference.data.validation_digits, reference.train.batch_size, reference.train.checkpoint_every) == (5000, 64, 859)
 
 
+def test_a_matched_study_with_some_runs_scored_matches_those_among_themselves(tmp_path):
+    study = load_study("affnist")  # four runs; two of them scored, as after --only capsnet,cnn
+    scores = {"capsnet": {2: 0.95, 4: 0.99}, "cnn": {2: 0.97, 4: 0.98}}
+    for run, by_step in scores.items():
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "study_run.json").write_text(json.dumps({"run": run, "trial": 1, "seed": 0, "checkpoint_scores": {
+            step: {"checkpoint": f"ckpt-{step}", "examples_seen": step, "train_seconds": 1.0, "parameters": 1,
+                   "expanded-mnist": accuracy, "affnist": accuracy - 0.1} for step, accuracy in by_step.items()}}))
+    results = collect_results(study, tmp_path, how_runs_are_scored(study, False))
+    assert results["matched_levels"] == [{"trial": 1, "percent": 98.0}]  # the highest both reach
+    steps = {c["run"]: c["trials"][0]["step"] for c in results["cells"] if c["trials"]}
+    assert steps == {"capsnet": 4, "cnn": 4}  # 0.99 and 0.98 are the closest to 0.98
+    assert {c["run"] for c in results["cells"] if not c["trials"]} == {"cnn-two-pools", "cnn-no-pooling"}
+
+
 def test_matched_steps_pick_the_checkpoints_closest_to_the_level_both_reach():
     scores = {"capsnet": {1: {"e": 0.90}, 2: {"e": 0.955}, 3: {"e": 0.99}},
               "cnn": {1: {"e": 0.93}, 2: {"e": 0.96}, 3: {"e": 0.95}}}
