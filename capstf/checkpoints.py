@@ -67,7 +67,8 @@ def set_aside_damaged(model_dir, restored):
     # The manager's own record, oldest first, with the save times it needs to keep counting them.
     listed = list(state.all_model_checkpoint_paths) if state else []
     times = dict(zip(listed, state.all_model_checkpoint_timestamps)) if state else {}
-    damaged = listed[listed.index(restored) + 1:] if restored in listed else []
+    kept = listed[:listed.index(restored) + 1] if restored in listed else listed
+    damaged = listed[len(kept):]
     if not damaged:
         return []
     aside = folder / "damaged"
@@ -76,7 +77,6 @@ def set_aside_damaged(model_dir, restored):
         for path in damaged:
             for file in tf.io.gfile.glob(path + ".*"):
                 os.replace(file, aside / Path(file).name)
-        kept = listed[:listed.index(restored) + 1]
         tf.compat.v1.train.update_checkpoint_state(  # names relative to the folder, as the manager writes them
             str(folder), Path(restored).name, [Path(p).name for p in kept],
             all_model_checkpoint_timestamps=[times[p] for p in kept] if len(times) == len(listed) else None,

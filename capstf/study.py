@@ -290,13 +290,15 @@ def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:
     """Every scored trial's figures beside the paper's (runs not yet scored are listed as such).
     A matched study is matched within each trial: trial k of every run scored against trial k of the others."""
     records = {}  # trial -> run -> {step: scores}
-    seeds, overrides = {}, {}
+    seeds, overrides, test_records = {}, {}, {}
     for run_name in study.runs:
         for trial in scored_trials(out_dir, run_name):
             record = read_json(trial_dir(out_dir, run_name, trial) / "study_run.json")
             records.setdefault(trial, {})[run_name] = {int(k): v for k, v in record["checkpoint_scores"].items()}
             seeds[run_name, trial] = record.get("seed")  # older records lack it (and, older still, "overrides")
             overrides[run_name] = record.get("overrides", {})
+            test_records[run_name, trial] = record.get("test_checkpoint_scores")  # [test] also_test only
+    percent = lambda accuracy: round(100 * (1 - accuracy) if study.metric == "error" else 100 * accuracy, 3)
     levels, steps = {}, {}  # trial -> matched level; trial -> run -> the step reported
     for trial, by_run in sorted(records.items()):
         if study.match_checkpoints_on and len(by_run) >= 2:  # those scored so far (--only picks some)
@@ -313,12 +315,10 @@ def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:
             else:  # a record from before capstf kept these: read them from its checkpoint, in its run dir
                 progress = training_progress(str(checkpoint_dir(trial_dir(out_dir, run.name, trial))
                                                  / Path(scores["checkpoint"]).name))
-            test_scores = read_json(trial_dir(out_dir, run.name, trial) / "study_run.json").get("test_checkpoint_scores")
-            reported.append((trial, scores, *progress, test_scores))
+            reported.append((trial, scores, *progress, test_records[run.name, trial]))
         for test_set in run.test_sets:
             cell = {"run": run.name, "row": run.row, "test_set": test_set, "paper_percent": run.paper.get(test_set),
                     "measured_percent": None, "std_percent": None, "trials": []}
-            percent = lambda accuracy: round(100 * (1 - accuracy) if study.metric == "error" else 100 * accuracy, 3)
             for trial, scores, examples, seconds, test_scores in reported:
                 cell["parameters"], cell["overrides"] = scores["parameters"], overrides[run.name]
                 cell["trials"].append({"trial": trial, "seed": seeds[run.name, trial],

@@ -243,10 +243,11 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
     # The step of the chief's newest good checkpoint, the same on every worker (they restored the
     # same one, and save together): whether to save at the end is decided from it, not from a
     # worker's own scratch checkpoints, which a finished run deletes.
-    saved_step = [start if restored else None]
+    saved_step = start if restored else None
 
     def save(step):
-        saved_step[0] = step
+        nonlocal saved_step
+        saved_step = step
         checkpoint.steps_done.assign(step)
         checkpoint.examples_seen.assign(start_example + (step - start) * global_batch)
         checkpoint.train_seconds.assign(trained_before + time.perf_counter() - run_start - eval_seconds)
@@ -259,7 +260,7 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
                                  "is intact: free space or fix the folder, then rerun to resume.") from None
 
     def save_unless_saved(step):
-        if saved_step[0] != step:
+        if saved_step != step:
             save(step)
     bar = tqdm(total=total_steps, initial=start, unit="step", disable=quiet or not chief, dynamic_ncols=True)
     result = {"step": start}
