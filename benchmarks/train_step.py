@@ -1,6 +1,7 @@
 """Images/s of one full optimizer step (paper CapsNet with decoder, r=3, batch 128), as JSON.
 
     python benchmarks/train_step.py [--models 28,36,smallnorb,cifar10,svhn] [--rounds 4] [--variants ...]
+                                    [--steps-per-call N]
 
 A model is a size (the MNIST model on NxN grey inputs: 28 MNIST, 36 MultiMNIST) or a recipe
 whose model it takes (smallnorb: 32x32x2 inputs, 5 classes; cifar10: 24x24x3, 64 primary
@@ -15,7 +16,9 @@ name says how a variant differs from xla_routing (float32, forward-convolution g
 routing gradients): e.g. bf16_tf_conv_gradients. The default set is the CPU candidates;
 `--variants all` times every one. The JSON names the variant `capstf train` picks here
 (`default_variant`). The profile times, at 28x28 float32, the forward pass, forward+backward,
-the routing alone and the optimizer update, to show where a step's time goes.
+the routing alone and the optimizer update, to show where a step's time goes. With
+--steps-per-call N each timed call trains N steps (`capstf train --steps-per-call`), and images/s
+counts all N.
 
 Absolute times drift 2-3x on shared machines, so where ../shared/bench/reference_step.py exists
 (or --reference PATH), it runs once between rounds and the JSON gives our 28x28 images/s as
@@ -36,7 +39,7 @@ import tensorflow as tf  # noqa: E402
 from capstf import config as config_lib, cpu  # noqa: E402
 from capstf.config import Config, DataConfig, ModelConfig, TrainConfig  # noqa: E402
 from capstf.layers import route_by_agreement  # noqa: E402
-from capstf.train import build_state, device_defaults, make_strategy, make_train_step  # noqa: E402
+from capstf.train import build_state, device_defaults, make_strategy, make_train_call  # noqa: E402
 
 JITS = ("routing", "off", "step")
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
@@ -82,7 +85,7 @@ def setup(model_cfg, jit, precision, batch, forward_conv_gradients=True):
     images = tf.random.uniform([batch, model_cfg.input_size, model_cfg.input_size, model_cfg.channels])
     batch_data = {"image": images, "label": tf.random.uniform([batch], 0, model_cfg.num_classes, tf.int32)}
     data = iter(tf.data.Dataset.from_tensors(batch_data).repeat())
-    return model, optimizer, make_train_step(model, optimizer, strategy, batch, jit == "step"), data, batch_data
+    return model, optimizer, make_train_call(model, optimizer, strategy, batch, jit == "step"), data, batch_data
 
 
 def profile(batch, steps):
@@ -129,6 +132,7 @@ def main():
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=4, help="Timed steps per variant, interleaved.")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"'all', or of: {', '.join(VARIANTS)}.")
+    parser.add_argument("--steps-per-call", type=int, default=1, help="Steps in each timed compiled call.")
     parser.add_argument("--no-profile", action="store_true")
     parser.add_argument("--reference", default=str(DEFAULT_REFERENCE) if DEFAULT_REFERENCE.exists() else "",
                         help="A reference step script printing reference_images_per_s; '' for none.")
@@ -145,8 +149,9 @@ def main():
             jit, precision, forward_conv_gradients, routing_gradients = VARIANTS[name]
             _, _, step, data, _ = setup(model_config(model_name, routing_gradients), jit, precision, args.batch,
                                         forward_conv_gradients)
-            tf.nest.map_structure(lambda t: t.numpy(), step(data))  # compile
-            steps[f"{label}/{name}"] = (lambda step=step, data=data: step(data))
+            n = args.steps_per_call
+            tf.nest.map_structure(lambda t: t.numpy(), step(data, n))  # compile
+            steps[f"{label}/{name}"] = (lambda step=step, data=data: step(data, n))
     times = {key: [] for key in steps}
     reference = []
     for round_ in range(args.rounds):
@@ -156,10 +161,14 @@ def main():
             if "/xla_step" in key and round_ and not tf.config.list_physical_devices("GPU"):  # XLA's CPU convolutions: one slow step is enough
                 continue
             times[key].append(timed(fn, 1, warmup=0))
-    best = {k: round(args.batch / min(v), 1) for k, v in times.items()}
-    median = {k: round(args.batch / sorted(v)[len(v) // 2], 1) for k, v in times.items()}
-    results = {"batch": args.batch, "rounds": args.rounds, "cpu": cpu.describe(),
-               "default_variant": variant_name(*device_defaults(TrainConfig()), ModelConfig().routing_gradients),
+    images = args.batch * args.steps_per_call  # per timed call
+    best = {k: round(images / min(v), 1) for k, v in times.items()}
+    median = {k: round(images / sorted(v)[len(v) // 2], 1) for k, v in times.items()}
+    chosen = device_defaults(TrainConfig())
+    results = {"batch": args.batch, "rounds": args.rounds, "steps_per_call": args.steps_per_call,
+               "cpu": cpu.describe(), "default_steps_per_call": chosen.steps_per_call,
+               "default_variant": variant_name(chosen.jit, chosen.precision, chosen.forward_conv_gradients,
+                                               ModelConfig().routing_gradients),
                "images_per_s_best": best, "images_per_s_median": median}
     if reference:
         ref_best, ref_median = max(reference), sorted(reference)[len(reference) // 2]

@@ -19,6 +19,7 @@ TRAIN_FLAGS = {  # flag -> the setting it overrides
     "learning_rate": "train.learning_rate", "routing_iters": "model.routing_iters", "seed": "train.seed",
     "jit": "train.jit", "precision": "train.precision", "distribute": "train.distribute",
     "checkpoint_every": "train.checkpoint_every", "eval_examples": "train.eval_examples",
+    "steps_per_call": "train.steps_per_call",
     "data_dir": "data.data_dir"}
 
 
@@ -110,6 +111,9 @@ def main(verbose):
 @click.option("--precision", type=click.Choice(CHOICES["train.precision"]))
 @click.option("--distribute", type=click.Choice(CHOICES["train.distribute"]))
 @click.option("--checkpoint-every", type=int, help="Steps between checkpoints.")
+@click.option("--steps-per-call", type=int, help="Training steps per compiled call (0: the device's "
+              "default, 1 on a CPU): fewer host dispatches on a GPU. Checkpoints, logs and evaluations "
+              "still come at their steps; SIGTERM takes effect at the end of a call.")
 @click.option("--eval-examples", type=int, help="Test examples scored after each epoch (0: none).")
 @click.option("--no-decoder", is_flag=True, help="Train without the reconstruction decoder.")
 @click.option("--runlocal", is_flag=True, help="Apply the recipe's [runlocal] settings: a quick small run.")
@@ -176,9 +180,10 @@ def parse_settings(settings):
                    "to report them together.")
 @clear_errors
 def study(name, runs_dir, data_dir, runlocal, only, settings, trials, jobs, trial_numbers):
-    """Run one of the paper's experiments (pipelines/studies/NAME.toml: table1, affnist), or
-    mnist-settings (settings compared on held-out training digits): train and score each of its
-    runs, resuming unfinished ones, and write RUNS_DIR/NAME/results.md and results.json.
+    """Run one of the paper's experiments (pipelines/studies/NAME.toml: table1, affnist), or a
+    comparison on held-out training digits (mnist-settings; authors: the paper's text against the
+    authors' code): train and score each of its runs, resuming unfinished ones, and write
+    RUNS_DIR/NAME/results.md and results.json.
 
     \b
     Example: capstf study table1 --data-dir DIR --only mnist-r3,mnist-baseline

@@ -122,6 +122,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     log_every: int = 50              # steps between TensorBoard scalars
     eval_examples: int = 0           # test examples scored after each epoch (0: none)
+    steps_per_call: int = 0          # training steps per compiled call; 0: auto (measured per device)
 
 
 @dataclasses.dataclass
@@ -247,7 +248,7 @@ CHOICES = {"train.jit": ("auto", "routing", "step", "off"),
 AT_LEAST_1 = ("train.batch_size", "train.checkpoint_every", "train.decay_steps", "train.log_every",
               "train.keep_checkpoints", "data.partners_per_digit", "model.routing_iters", "model.conv1_filters",
               "model.primary_caps_types", "model.primary_caps_dim", "model.digit_caps_dim", "model.baseline_hidden")
-AT_LEAST_0 = ("train.eval_examples", "model.reconstruction_weight", "data.validation_digits", "data.max_shift",
+AT_LEAST_0 = ("train.eval_examples", "train.steps_per_call", "model.reconstruction_weight", "data.validation_digits", "data.max_shift",
               "data.max_brightness_delta", "data.train_max_rotation_deg", "data.train_rotate_scale_epochs",
               "data.max_rotation_deg", "data.max_shear")
 FROM_0_BELOW_1 = ("data.train_max_scale_change", "data.max_contrast_change")

@@ -102,10 +102,24 @@ def export(model_dir, export_dir, name="capsnet", version=None, formats=("savedm
     report = {"model_dir": str(model_dir), "step": step, "dataset": cfg.data.dataset,
               "verified_on": f"{len(images)} real {cfg.data.dataset} test examples", "tolerance": TOLERANCE}
 
-    if "savedmodel" in formats:
-        report["savedmodel"] = _export_savedmodel(module, base, target, images, reference, xla)
-    if "onnx" in formats:
-        report["onnx"] = _export_onnx(module, export_dir / f"{name}.onnx", images, reference)
+    # Both formats are written and verified under scratch names, then published together, the
+    # SavedModel last: a server loads a version as soon as its folder appears.
+    scratch_folder = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=base))
+    scratch_onnx = export_dir / f".{name}.onnx.tmp"
+    try:
+        if "savedmodel" in formats:
+            report["savedmodel"] = _write_savedmodel(module, scratch_folder, images, reference, xla)
+        if "onnx" in formats:
+            report["onnx"] = _write_onnx(module, scratch_onnx, images, reference)
+            os.replace(scratch_onnx, export_dir / f"{name}.onnx")
+            report["onnx"]["path"] = str(export_dir / f"{name}.onnx")
+        if "savedmodel" in formats:
+            os.rename(scratch_folder, target)
+            report["savedmodel"]["path"] = str(target)
+    finally:
+        shutil.rmtree(scratch_folder, ignore_errors=True)
+        if scratch_onnx.exists():
+            scratch_onnx.unlink()
     write_json(export_dir / f"{name}.export_report.json", report)
     return report
 
@@ -124,41 +138,37 @@ def _check(diffs: dict, what: str):
         raise RuntimeFailure(f"{what} disagrees with the trained model beyond {TOLERANCE}: {bad}; nothing was exported.")
 
 
-def _export_savedmodel(module, base, target, images, reference, xla):
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=base))
-    try:
-        tf.saved_model.save(module, str(scratch), signatures={
-            "serving_default": module.serving_default, "predict_uint8": module.predict_uint8})
-        loaded = tf.saved_model.load(str(scratch))
-        diffs = _max_differences(reference, loaded.signatures["serving_default"](images=images))
-        _check(diffs, "The SavedModel")
-        if not xla and b"_XlaMustCompile" in b"".join(p.read_bytes() for p in scratch.rglob("*.pb")):
-            raise RuntimeFailure("The SavedModel holds XLA must-compile attributes; TF Serving and tf2onnx cannot run them.")
-        os.rename(scratch, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return {"path": str(target), "signatures": ["serving_default", "predict_uint8"], "max_abs_difference": diffs}
+def _write_savedmodel(module, folder, images, reference, xla):
+    """Saves the SavedModel into `folder` and checks both its signatures against `reference`."""
+    tf.saved_model.save(module, str(folder), signatures={
+        "serving_default": module.serving_default, "predict_uint8": module.predict_uint8})
+    loaded = tf.saved_model.load(str(folder))
+    diffs = _max_differences(reference, loaded.signatures["serving_default"](images=images))
+    _check(diffs, "The SavedModel")
+    # predict_uint8 against the model on the same bytes (the test images need not be whole bytes).
+    image_bytes = tf.cast(tf.round(images * 255.0), tf.uint8)
+    uint8_reference = {k: v.numpy() for k, v in module.outputs(tf.cast(image_bytes, tf.float32) / 255.0).items()}
+    uint8_diffs = _max_differences(uint8_reference, loaded.signatures["predict_uint8"](images=image_bytes))
+    _check(uint8_diffs, "The SavedModel's predict_uint8")
+    if not xla and b"_XlaMustCompile" in b"".join(p.read_bytes() for p in folder.rglob("*.pb")):
+        raise RuntimeFailure("The SavedModel holds XLA must-compile attributes; TF Serving and tf2onnx cannot run them.")
+    return {"signatures": ["serving_default", "predict_uint8"], "max_abs_difference": diffs,
+            "predict_uint8_max_abs_difference": uint8_diffs}
 
 
-def _export_onnx(module, path, images, reference):
+def _write_onnx(module, path, images, reference):
+    """Converts the model to ONNX at `path` and checks it in onnxruntime against `reference`."""
     import onnxruntime
     import tf2onnx
     concrete = module.outputs.get_concrete_function()
-    scratch = path.with_name(f".{path.name}.tmp")
     try:
         tf2onnx.convert.from_function(module.outputs, input_signature=concrete.structured_input_signature[0],
-                                      opset=ONNX_OPSET, output_path=str(scratch))
-        session = onnxruntime.InferenceSession(str(scratch), providers=["CPUExecutionProvider"])
+                                      opset=ONNX_OPSET, output_path=str(path))
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         names = [o.name for o in session.get_outputs()]
         got = dict(zip(names, session.run(None, {session.get_inputs()[0].name: images.numpy()})))
-        diffs = _max_differences(reference, got)
-        _check(diffs, "The ONNX model")
-        os.replace(scratch, path)
-    except CapstfError:
-        raise
     except Exception as e:  # tf2onnx and onnxruntime raise many types
         raise RuntimeFailure(f"ONNX conversion failed ({type(e).__name__}: {e}); nothing was exported.") from None
-    finally:
-        if scratch.exists():
-            scratch.unlink()
-    return {"path": str(path), "opset": ONNX_OPSET, "max_abs_difference": diffs}
+    diffs = _max_differences(reference, got)
+    _check(diffs, "The ONNX model")
+    return {"opset": ONNX_OPSET, "max_abs_difference": diffs}

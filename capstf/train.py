@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import keras
 import numpy as np
@@ -43,19 +44,31 @@ def gpu_compute_capabilities():
             for gpu in tf.config.list_physical_devices("GPU")]
 
 
-def device_defaults(train_cfg, gpus=None):
-    """(jit, precision, forward_conv_gradients), "auto" replaced by the choice for this device.
+GPU_STEPS_PER_CALL = 16  # not yet measured on a GPU: benchmarks/train_step.py --steps-per-call
+
+
+class DeviceChoices(NamedTuple):
+    jit: str                      # routing | step | off
+    precision: str                # float32 | mixed_bfloat16 | mixed_float16
+    forward_conv_gradients: bool  # capstf's convolution gradients (True) or TensorFlow's
+    steps_per_call: int           # training steps per compiled call
+
+
+def device_defaults(train_cfg, gpus=None) -> DeviceChoices:
+    """The training settings left to "auto" (0 for steps_per_call), chosen for this device.
 
     gpus: the GPUs' compute capabilities (default: the visible ones'; tests pass fakes).
     CPU, by instruction set (measured on each, benchmarks/train_step.py, docs/performance.md):
     XLA on the capsule layers but not the convolutions (XLA's CPU convolutions made the whole
-    step ~12x slower); bfloat16 convolutions where AVX512-BF16 exists, float32 elsewhere
+    step much slower); bfloat16 convolutions where AVX512-BF16 exists, float32 elsewhere
     (bfloat16 without it is emulated, and slower); the convolution gradients as forward
     convolutions where AVX-512 exists (they suit oneDNN's AVX-512 kernels), TensorFlow's own on
-    AVX2-only CPUs, where capstf's were 1.4x (28x28) and 2.6x (36x36) slower.
+    AVX2-only CPUs, where capstf's were slower. One step per call: a CPU step takes long
+    enough that the host's dispatch does not show.
     GPU: TensorFlow's own convolution gradients, bfloat16 only where the GPU has it (compute
     capability 8.0 on), float16 with loss scaling on 7.x, float32 on older GPUs; mixed GPUs get
-    the oldest's choice. On an H100 this is the fastest step; 7.x and older GPUs are not measured.
+    the oldest's choice. GPU_STEPS_PER_CALL steps per call: a GPU step is short enough that
+    launching it from Python costs a large share of it.
     """
     gpus = gpu_compute_capabilities() if gpus is None else gpus
     jit = "routing" if train_cfg.jit == "auto" else train_cfg.jit
@@ -65,7 +78,8 @@ def device_defaults(train_cfg, gpus=None):
         precision = "mixed_bfloat16" if oldest >= (8, 0) else "mixed_float16" if oldest >= (7, 0) else "float32"
     elif precision == "auto":
         precision = "mixed_bfloat16" if cpu.has("avx512_bf16") else "float32"
-    return jit, precision, not gpus and cpu.has("avx512f")
+    steps_per_call = train_cfg.steps_per_call or (GPU_STEPS_PER_CALL if gpus else 1)
+    return DeviceChoices(jit, precision, not gpus and cpu.has("avx512f"), steps_per_call)
 
 
 def make_strategy(kind: str) -> tf.distribute.Strategy:
@@ -186,8 +200,9 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
     quiet = (not sys.stderr.isatty()) if quiet is None else quiet
     strategy = make_strategy(cfg.train.distribute)
     signals.install()  # again: MultiWorkerMirroredStrategy puts TensorFlow's own SIGTERM handler in place
-    jit, precision, forward_conv_gradients = device_defaults(cfg.train)
+    jit, precision, forward_conv_gradients, steps_per_call = device_defaults(cfg.train)
     chief = is_chief(strategy)
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     train_examples, validation_examples = load_training_split(
         cfg.data.data_dir, cfg.data.dataset, cfg.data.validation_digits)
     fit_model_to_data(cfg, train_examples)
@@ -223,7 +238,7 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
     # Checkpoints written before capstf counted examples hold 0: their position is steps x batch.
     start_example = int(checkpoint.examples_seen.numpy()) or start * global_batch
     trained_before = float(checkpoint.train_seconds.numpy())
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if multi_worker:
         check_workers_agree(strategy, start, start_example)
     if start:
         log(f"resumed from step {start}" + (f"; already trained past --steps {total_steps}" if start >= total_steps else "")
@@ -233,8 +248,12 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
         return make_dataset(cfg.data, train_examples, "train", ctx.get_per_replica_batch_size(global_batch),
                             cfg.train.seed, start_example=start_example,
                             pipeline_id=ctx.input_pipeline_id, num_pipelines=ctx.num_input_pipelines)
-    batches = iter(strategy.distribute_datasets_from_function(dataset_fn))
-    train_step = make_train_step(model, optimizer, strategy, global_batch, jit == "step")
+    # Each replica's next two batches wait on its device, so no step waits for a host-to-device copy.
+    batches = iter(strategy.distribute_datasets_from_function(dataset_fn, tf.distribute.InputOptions(
+        experimental_fetch_to_device=True, experimental_per_replica_buffer_size=2)))
+    train_call = make_train_call(model, optimizer, strategy, global_batch, jit == "step")
+    # A call of steps ends early at the next step that checkpoints, logs or evaluates.
+    boundaries = [cfg.train.checkpoint_every, cfg.train.log_every, steps_per_epoch if eval_data is not None else 0]
 
     preview = next(iter(make_dataset(cfg.data, train_examples, "test", 8, cfg.train.seed)))
     writer = tf.summary.create_file_writer(str(model_dir / "train")) if chief else tf.summary.create_noop_writer()
@@ -269,13 +288,16 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
     signals.noting = True  # from here a stop request is checkpointed, not raised
     with writer.as_default():
         try:
-            for step in range(start + 1, total_steps + 1):
-                metrics = {k: float(v) for k, v in train_step(batches, signals.received is not None).items()}
-                done = step
-                stopped = metrics.pop("stop_requests") > 0
+            step = start
+            while step < total_steps:
+                steps = call_length(step, steps_per_call, total_steps, boundaries)
+                metrics = {k: float(v) for k, v in train_call(batches, steps, signals.received is not None).items()}
+                step = done = step + steps
+                # One process stops at once; workers stop after the call that told them all.
+                stopped = metrics.pop("stop_requests") > 0 or (signals.received is not None and not multi_worker)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
-                seen += global_batch
+                seen += steps * global_batch
                 if step % cfg.train.checkpoint_every == 0:
                     save(step)
                 if step % cfg.train.log_every == 0 or step == total_steps:
@@ -289,7 +311,7 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
                     sums, t0, seen = {}, time.perf_counter(), 0
                 if chief and (step % cfg.train.checkpoint_every == 0 or step == total_steps):
                     log_reconstructions(model, preview, step)
-                bar.update(1)
+                bar.update(steps)
                 if chief and eval_data is not None and (step % steps_per_epoch == 0 or step == total_steps):
                     eval_start = time.perf_counter()
                     ev = score(model, make_dataset(cfg.data, eval_data, "test", 100, cfg.train.seed,
@@ -306,10 +328,11 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
                     spent = time.perf_counter() - eval_start
                     eval_seconds += spent
                     t0 += spent  # examples/s counts training only
+                    stopped = stopped or (signals.received is not None and not multi_worker)
                 if stopped:
                     break
         except KeyboardInterrupt:  # a second Ctrl-C: keep every finished step where saving is ours alone
-            if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            if not multi_worker:
                 save_unless_saved(done)
             raise
         save_unless_saved(done)
@@ -366,10 +389,12 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def make_train_step(model, optimizer, strategy, global_batch, jit_step):
-    """One optimizer step on one batch per replica: step(iterator, stop_requested) returns
-    metric sums over the global batch, and in `stop_requests` how many replicas, over all
-    workers, were asked to stop (the all-reduce that carries the metrics carries it too)."""
+def make_train_call(model, optimizer, strategy, global_batch, jit_step):
+    """A compiled call of training steps, one batch per replica each: call(iterator, steps,
+    stop_requested) runs `steps` optimizer steps and returns their metric sums over the global
+    batches, and in `stop_requests` how many replicas, over all workers and steps, were asked to
+    stop (the all-reduce that carries the metrics carries it too). Several steps in one call
+    spare the host a dispatch per step (Keras' steps_per_execution)."""
     @tf.function(jit_compile=jit_step)
     def replica_step(batch, stop_requested):
         # The loss is the mean over the global batch, so N replicas train like one device.
@@ -384,14 +409,30 @@ def make_train_step(model, optimizer, strategy, global_batch, jit_step):
         sums["stop_requests"] = tf.cast(stop_requested, tf.float32)
         return sums
 
-    @tf.function
-    def step_fn(iterator, stop_requested):
+    def one_step(iterator, stop_requested):
         per_replica = strategy.run(replica_step, args=(next(iterator), stop_requested))
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
 
-    def step(iterator, stop_requested=False):
-        return step_fn(iterator, tf.constant(stop_requested))  # a tensor: one trace for both values
-    return step
+    @tf.function
+    def call_fn(iterator, steps, stop_requested):
+        def another_step(done, sums):
+            step_sums = one_step(iterator, stop_requested)
+            return done + 1, {k: sums[k] + step_sums[k] for k in sums}
+        # The first step outside the loop fixes the sums' keys; the loop is explicit, not AutoGraph's.
+        first = one_step(iterator, stop_requested)
+        return tf.while_loop(lambda done, _: done < steps, another_step, (tf.constant(1), first))[1]
+
+    def call(iterator, steps=1, stop_requested=False):
+        # Tensors: one trace for every call length and both values of the flag.
+        return call_fn(iterator, tf.constant(steps, tf.int32), tf.constant(stop_requested))
+    return call
+
+
+def call_length(step, steps_per_call, total_steps, every):
+    """How many steps the call after `step` trains: steps_per_call, cut at total_steps and at
+    the next multiple of each interval in `every` (0: none), where the loop has work to do."""
+    end = min([step + steps_per_call, total_steps] + [(step // e + 1) * e for e in every if e])
+    return end - step
 
 
 def log_reconstructions(model, batch, step):

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from click.testing import CliRunner
-from conftest import small_config
+from conftest import differences_in_exported_files, model_from_checkpoint_files, small_config
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from capstf.cli import main
-from capstf.errors import CapstfError
+from capstf.errors import CapstfError, RuntimeFailure
 from capstf.export import export
 from capstf.serving import client
 from capstf.serving.server import load_servables, start_server
@@ -53,18 +53,15 @@ def test_export_writes_tf_serving_layout_and_a_verified_report(exported):
     # The report's differences, recomputed here from the files: a report that claimed a check it
     # did not make (or made on other outputs) would not match them.
     images = digits(64)  # what export verifies on: the first 64 test digits, unshifted
-    model, _ = restore_for_inference(root / "model", cfg)
-    expected = model(tf.constant(images))["probabilities"].numpy().astype(np.float64)
-    served = tf.saved_model.load(str(root / "out" / "capsnet" / "1")).signatures["serving_default"]
-    import onnxruntime
-    session = onnxruntime.InferenceSession(str(root / "out" / "capsnet.onnx"), providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
-    outputs = {"savedmodel": served(images=tf.constant(images))["probabilities"].numpy(),
-               "onnx": dict(zip(names, session.run(None, {session.get_inputs()[0].name: images})))["probabilities"]}
-    assert report["verified_on"] == "64 real mnist test examples"
-    for fmt, probabilities in outputs.items():
-        assert report[fmt]["max_abs_difference"]["probabilities"] == pytest.approx(
-            np.max(np.abs(probabilities - expected)), abs=1e-6)  # float32 rounding; a false claim is far off
+    expected = model_from_checkpoint_files(root / "model")(tf.constant(images))["probabilities"].numpy()
+    recomputed = differences_in_exported_files(root / "out", images, expected)
+    assert report["verified_on"] == "64 real mnist test examples" and set(recomputed) == {"savedmodel", "onnx"}
+    for fmt, difference in recomputed.items():  # float32 rounding; a false claim is far off
+        assert report[fmt]["max_abs_difference"]["probabilities"] == pytest.approx(difference, abs=1e-6)
+    served = tf.saved_model.load(str(root / "out" / "capsnet" / "1")).signatures["predict_uint8"]
+    from_bytes = served(images=tf.constant(np.round(images * 255).astype(np.uint8)))["probabilities"].numpy()
+    assert report["savedmodel"]["predict_uint8_max_abs_difference"]["probabilities"] == pytest.approx(
+        np.max(np.abs(from_bytes.astype(np.float64) - expected)), abs=1e-6)  # the sample digits are whole bytes
     assert not [p for p in (root / "out" / "capsnet").iterdir() if p.name.startswith(".")]  # no scratch left
     assert b"_XlaMustCompile" not in (root / "out" / "capsnet" / "1" / "saved_model.pb").read_bytes()
 
@@ -75,6 +72,14 @@ def test_next_export_gets_the_next_version_and_existing_versions_are_refused(exp
         export(root / "model", root / "out", version=1, formats=("savedmodel",))
     report = export(root / "model", root / "out", formats=("savedmodel",))
     assert report["savedmodel"]["path"].endswith("capsnet/2")
+
+
+def test_an_onnx_failure_publishes_neither_format(trained_mnist, tmp_path, monkeypatch):
+    import tf2onnx
+    monkeypatch.setattr(tf2onnx.convert, "from_function", lambda *a, **k: (_ for _ in ()).throw(ValueError("no op")))
+    with pytest.raises(RuntimeFailure, match=r"ONNX conversion failed \(ValueError: no op\); nothing was exported"):
+        export(trained_mnist[0], tmp_path / "out")
+    assert [p.name for p in (tmp_path / "out").rglob("*")] == ["capsnet"]  # an empty folder: no version, no scratch
 
 
 def test_export_without_checkpoint_is_a_clear_error(tmp_path):

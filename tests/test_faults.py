@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import small_config
+from conftest import differences_in_exported_files, model_from_checkpoint_files, small_config
 
 from capstf.checkpoints import list_checkpoints, restore_for_inference
 from capstf.errors import CapstfError, RuntimeFailure
@@ -301,7 +301,7 @@ def test_a_sigterm_while_the_data_loads_stops_at_once_with_the_preemption_exit(t
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone with the run
 
 
-def test_a_sigterm_during_an_evaluation_cuts_it_short_and_checkpoints_the_next_step(tmp_path, monkeypatch, capsys):
+def test_a_sigterm_during_an_evaluation_cuts_it_short_and_checkpoints_the_step_evaluated(tmp_path, monkeypatch, capsys):
     import capstf.train as train_module
     from capstf.errors import Preempted
     make_dataset, evaluated = train_module.make_dataset, []
@@ -321,11 +321,11 @@ def test_a_sigterm_during_an_evaluation_cuts_it_short_and_checkpoints_the_next_s
     monkeypatch.setattr(train_module, "make_dataset", evaluation_that_gets_a_sigterm)
     cfg = small_config(steps=10, eval_examples=500)  # 5 batches of 100 after each epoch
     cfg.data.validation_digits = 4900  # 100 training digits: an epoch is 3 steps
-    with pytest.raises(Preempted, match="stopped by SIGTERM after step 4 of 10"):
+    with pytest.raises(Preempted, match="stopped by SIGTERM after step 3 of 10"):
         train(cfg, tmp_path, quiet=True)
     assert evaluated == [0, 1]  # 5 batches to score; the second, which came with the request, was not
     assert "step 3: the validation evaluation was cut short by SIGTERM" in capsys.readouterr().out
-    assert list_checkpoints(tmp_path)[-1][0] == 4
+    assert list_checkpoints(tmp_path)[-1][0] == 3  # one process: no other worker to tell, no step more
 
 
 def test_export_verifies_on_the_digits_named_by_data_dir(tmp_path):
@@ -336,4 +336,9 @@ def test_export_verifies_on_the_digits_named_by_data_dir(tmp_path):
     with pytest.raises(CapstfError, match="does not exist"):
         export(tmp_path, tmp_path / "out", formats=("savedmodel",))
     report = export(tmp_path, tmp_path / "out", formats=("savedmodel",), data_dir="sample")
-    assert report["savedmodel"]["max_abs_difference"]["probabilities"] <= 1e-4
+    from capstf.data.sources import load_examples
+    images = load_examples("sample", "test").images[:64, ..., None].astype(np.float32) / 255
+    expected = model_from_checkpoint_files(tmp_path, 1)(images)["probabilities"].numpy()
+    recomputed = differences_in_exported_files(tmp_path / "out", images, expected)
+    assert report["verified_on"] == "64 real mnist test examples" and set(recomputed) == {"savedmodel"}
+    assert report["savedmodel"]["max_abs_difference"]["probabilities"] == pytest.approx(recomputed["savedmodel"], abs=1e-6)

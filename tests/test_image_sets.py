@@ -8,9 +8,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from click.testing import CliRunner
 from PIL import Image
+from conftest import differences_in_exported_files, model_from_checkpoint_files
 
 from capstf import config as config_lib
-from capstf.checkpoints import restore_for_inference
 from capstf.cli import main
 from capstf.data.datasets import make_dataset
 from capstf.data.inspect import viewable
@@ -202,15 +202,23 @@ def test_each_set_trains_evaluates_and_exports_with_matching_onnx(mock_tfds, tmp
     assert result["step"] == 4 and (model_dir / "checkpoints" / "ckpt-4.index").is_file()
     saved = config_lib.load_saved(model_dir)
     assert (saved.model.input_size, saved.model.channels, saved.model.num_classes) == (size, shape[2], classes)
+    examples = load_examples("", "test", dataset)
+    model = model_from_checkpoint_files(model_dir, 4)
+    test_images = one_batch(saved.data, examples, "test", MOCK_EXAMPLES)["image"].numpy()
+    predicted = np.argmax(model(test_images)["probabilities"].numpy(), axis=1)
     metrics = measure(model_dir)
-    assert metrics["examples"] == MOCK_EXAMPLES and 0 <= metrics["accuracy"] <= 1
+    assert metrics["examples"] == MOCK_EXAMPLES and metrics["accuracy"] == pytest.approx(np.mean(predicted == examples.labels))
     report = export(model_dir, tmp_path / "out", verify_examples=8)
-    assert max(report["onnx"]["max_abs_difference"].values()) <= 1e-4
+    images = test_images[:8]  # what export verifies on
+    recomputed = differences_in_exported_files(tmp_path / "out", images, model(images)["probabilities"].numpy())
+    assert report["verified_on"] == f"8 real {dataset} test examples" and set(recomputed) == {"savedmodel", "onnx"}
+    for fmt, difference in recomputed.items():
+        assert report[fmt]["max_abs_difference"]["probabilities"] == pytest.approx(difference, abs=1e-6)
     served = tf.saved_model.load(str(tmp_path / "out" / "capsnet" / "1")).signatures["serving_default"]
     assert served.structured_input_signature[1]["images"].shape.as_list() == [None, size, size, shape[2]]
     assert served.structured_outputs["probabilities"].shape.as_list() == [None, classes]
-    images = one_batch(saved.data, load_examples("", "test", dataset), "test", 4)["image"].numpy()
-    expected = restore_for_inference(model_dir, saved)[0](images)["probabilities"].numpy()
+    images = test_images[:4]
+    expected = model(images)["probabilities"].numpy()
     server, port, _ = start_server(tmp_path / "out", port=0)
     try:
         answer = client.predict_grpc(f"127.0.0.1:{port}", "capsnet", "serving_default", images)
@@ -224,8 +232,7 @@ def test_a_cifar10_ensemble_averages_its_members_capsule_lengths(mock_tfds, tmp_
         train(small("cifar10", **{"train.steps": 3, "train.seed": seed}), tmp_path / str(seed), quiet=True)
     examples = load_examples("", "test", "cifar10")
     images = one_batch(data_config("cifar10"), examples, "test", MOCK_EXAMPLES)["image"]
-    lengths = [restore_for_inference(tmp_path / str(s), config_lib.load_saved(tmp_path / str(s)))[0](images)
-               ["probabilities"].numpy() for s in (0, 1)]
+    lengths = [model_from_checkpoint_files(tmp_path / str(s), 3)(images)["probabilities"].numpy() for s in (0, 1)]
     assert not np.allclose(lengths[0], lengths[1])
     expected = np.mean(np.argmax(lengths[0] + lengths[1], axis=1) == examples.labels)
     result = CliRunner().invoke(main, ["evaluate", "--model-dir", str(tmp_path / "0"), "--model-dir", str(tmp_path / "1")])

@@ -44,8 +44,13 @@ def test_sequential_model_with_capsule_layers_gives_class_lengths():
     model = keras.Sequential([keras.Input([28, 28, 1]), keras.layers.Conv2D(8, 9, activation="relu"),
                               caps.PrimaryCapsules(2, 4), caps.DigitCapsules(3, 5), caps.CapsuleLength()])
     assert model.output_shape == (None, 3)
-    lengths = model(tf.random.uniform([2, 28, 28, 1])).numpy()
-    assert lengths.shape == (2, 3) and np.all((lengths >= 0) & (lengths < 1))
+    images = tf.random.uniform([2, 28, 28, 1], seed=3)
+    lengths = model(images).numpy()
+    capsules = keras.Model(model.inputs, model.layers[-2].output)(images).numpy()  # [batch, 3, 5]
+    assert capsules.shape == (2, 3, 5)
+    # Each class's length is its capsule's, with capsule_length's 1e-7 under the root (a finite
+    # gradient at 0): untrained capsules are ~1e-4 long, so the floor is part of the answer.
+    np.testing.assert_allclose(lengths, np.sqrt(np.sum(capsules ** 2, axis=-1) + 1e-7), rtol=1e-5)
 
 
 def test_saved_keras_model_loads_in_a_fresh_process_with_identical_outputs(tmp_path):

@@ -10,8 +10,9 @@ import time
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import model_from_checkpoint_files
 
-from capstf.checkpoints import list_checkpoints, restore_for_inference
+from capstf.checkpoints import list_checkpoints
 from capstf.cli import main
 from capstf.config import load_saved
 from capstf.errors import CapstfError
@@ -21,7 +22,7 @@ from capstf.study import test_settings as how_runs_are_scored  # not test_*: pyt
 
 def error_percent(run_dir, images, labels):
     """The run's newest model's error (%) on these unshifted digits."""
-    model, _ = restore_for_inference(run_dir, load_saved(run_dir))
+    model = model_from_checkpoint_files(run_dir)
     predicted = np.argmax(model(images[..., None].astype(np.float32) / 255)["probabilities"].numpy(), axis=1)
     return 100 * np.mean(predicted != labels)
 
@@ -67,8 +68,8 @@ def test_the_authors_study_chooses_on_held_out_digits_and_reports_the_test_digit
     checkpoints = list_checkpoints(run_dir)
     assert [step for step, _ in checkpoints] == [2, 4]  # every checkpoint kept, to be scored on test
     by_step = {}  # each checkpoint's error on the first 64 test digits (the study's runlocal test.limit)
-    for step, path in checkpoints:
-        model, _ = restore_for_inference(run_dir, load_saved(run_dir), path)
+    for step, _ in checkpoints:
+        model = model_from_checkpoint_files(run_dir, step)
         images = test_digits.images[:64, ..., None].astype(np.float32) / 255
         predicted = np.argmax(model(images)["probabilities"].numpy(), axis=1)
         by_step[step] = 100 * np.mean(predicted != test_digits.labels[:64])
@@ -167,7 +168,7 @@ def test_trials_train_each_run_from_successive_seeds_and_report_mean_and_spread(
     results = run_study("table1", tmp_path, "sample", runlocal=True, only=(run,), trials=3, log=lambda msg: None)
     dirs = [tmp_path / "table1" / name for name in (run, f"{run}-trial2", f"{run}-trial3")]
     assert [load_saved(d).train.seed for d in dirs] == [0, 1, 2]
-    first_kernels = [restore_for_inference(d, load_saved(d))[0].trainable_weights[0].numpy() for d in dirs]
+    first_kernels = [model_from_checkpoint_files(d).trainable_weights[0].numpy() for d in dirs]
     assert not np.allclose(first_kernels[0], first_kernels[1])  # the seeds reached the initial weights
     errors = [error_percent_on_first_test_digits(d, test_digits, 64) for d in dirs]
     cell = next(c for c in results["cells"] if c["run"] == run)
