@@ -8,6 +8,7 @@ import click
 
 from capstf.config import CHOICES, DATASETS, TFDS_PREFIX, TRAINABLE, check_dataset_name, is_tfds_name
 from capstf.errors import CapstfError
+from capstf.serving.limits import Limits
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's own log lines once its logging is set up
 EXIT_CODES = """\b
@@ -270,19 +271,31 @@ def export(model_dir, export_dir, name, version, formats, xla, data_dir):
 
 @main.command()
 @click.option("--export-dir", required=True, help="A folder written by `capstf export`.")
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to bind. 0.0.0.0 (every interface) serves anyone who can reach the machine, "
+                   "unauthenticated, and in the clear unless --tls-cert and --tls-key are given.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8500, show_default=True)
+@click.option("--tls-cert", type=click.Path(), help="PEM certificate (chain): serve over TLS only.")
+@click.option("--tls-key", type=click.Path(), help="PEM private key of --tls-cert.")
+@click.option("--max-concurrent-rpcs", type=click.IntRange(1), default=Limits.max_concurrent_rpcs, show_default=True,
+              help="Requests in flight or queued; beyond them RESOURCE_EXHAUSTED.")
+@click.option("--max-message-mb", type=click.FloatRange(0.001), default=Limits.max_message_bytes / 2**20,
+              show_default=True, help="Largest request or answer, in MiB.")
+@click.option("--max-images", type=click.IntRange(1), default=Limits.max_images, show_default=True,
+              help="Images per request; beyond them INVALID_ARGUMENT.")
 @clear_errors
-def serve(export_dir, host, port):
+def serve(export_dir, host, port, tls_cert, tls_key, max_concurrent_rpcs, max_message_mb, max_images):
     """Serve exported models over TF Serving's gRPC PredictionService API.
 
     \b
     Example: capstf serve --export-dir exports --port 8500
     """
     from capstf.serving.server import start_server
-    server, bound, servables = start_server(export_dir, host, port)
+    limits = Limits(max_concurrent_rpcs, int(max_message_mb * 2**20), max_images)
+    server, bound, servables = start_server(export_dir, host, port, limits=limits, tls_cert=tls_cert, tls_key=tls_key)
     for name, servable in servables:
-        click.echo(f"serving {name} version {servable.version} on {host}:{bound} (gRPC)")
+        click.echo(f"serving {name} version {servable.version} on {host}:{bound} "
+                   f"(gRPC{' over TLS' if tls_cert else ', in the clear'})")
     sys.stdout.flush()
     server.wait_for_termination()
 
@@ -294,9 +307,10 @@ def serve(export_dir, host, port):
 @click.option("--rest", is_flag=True, help="Use TF Serving's REST API instead of gRPC.")
 @click.option("--metadata", is_flag=True, help="Print the model's signatures (GetModelMetadata) instead.")
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for an answer.")
+@click.option("--tls-ca", type=click.Path(), help="PEM certificate(s) to trust: talk gRPC over TLS.")
 @click.argument("files", nargs=-1, type=click.Path())
 @clear_errors
-def predict(server, model_name, signature, rest, metadata, timeout, files):
+def predict(server, model_name, signature, rest, metadata, timeout, tls_ca, files):
     """Classify PNG, .npy or IDX images with a served model.
 
     \b
@@ -304,13 +318,15 @@ def predict(server, model_name, signature, rest, metadata, timeout, files):
     """
     from capstf.serving import client
     if metadata:
-        click.echo(json.dumps(client.metadata_grpc(server, model_name, timeout), indent=2))
+        click.echo(json.dumps(client.metadata_grpc(server, model_name, timeout, tls_ca), indent=2))
         return
     if not files:
         raise CapstfError("Name at least one image file (PNG, .npy or IDX).")
     images, names = client.read_images(files)
-    call = client.predict_rest if rest else client.predict_grpc
-    outputs = call(server, model_name, signature, images, timeout)
+    if rest and tls_ca:
+        raise CapstfError("--tls-ca is for gRPC; --rest speaks plain HTTP.")
+    outputs = (client.predict_rest(server, model_name, signature, images, timeout) if rest else
+               client.predict_grpc(server, model_name, signature, images, timeout, tls_ca))
     for i, name in enumerate(names):
         click.echo(json.dumps({"image": name, "classes": outputs["classes"][i].tolist(),
                                "probabilities": [round(float(p), 4) for p in outputs["probabilities"][i]]}))

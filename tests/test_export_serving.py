@@ -12,12 +12,14 @@ import pytest
 import tensorflow as tf
 from click.testing import CliRunner
 from conftest import differences_in_exported_files, model_from_checkpoint_files, small_config
+from tensorflow.core.framework import tensor_shape_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from capstf.cli import main
 from capstf.errors import CapstfError, RuntimeFailure
 from capstf.export import export
 from capstf.serving import client
+from capstf.serving.limits import Limits
 from capstf.serving.server import load_servables, start_server
 from capstf.checkpoints import restore_for_inference
 
@@ -177,6 +179,122 @@ def test_bad_requests_are_rejected_and_the_server_keeps_serving(server, kwargs, 
         raw_predict(server, array, **kwargs)
     assert error.value.code() == code
     assert tf.make_ndarray(raw_predict(server, GOOD).outputs["probabilities"]).shape == (2, 10)  # still answers
+
+
+def amplified_request(values=1, shape=(1024, 28, 28, 1)):
+    """A PredictRequest declaring `shape` but carrying `values` floats (TensorFlow would repeat the last)."""
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.signature_name = "capsnet", "serving_default"
+    proto = request.inputs["images"]
+    proto.dtype = tf.float32.as_datatype_enum
+    proto.tensor_shape.dim.extend([tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in shape])
+    proto.float_val.extend([0.5] * values)
+    return request
+
+
+def test_32_clients_at_once_are_all_answered_beside_oversized_and_amplified_requests(server, exported):
+    import concurrent.futures
+    expected = tf.make_ndarray(raw_predict(server, GOOD).outputs["probabilities"])
+    oversized = np.zeros([6000, 28, 28, 1], np.float32)  # 18.8 MB, over the 16 MiB cap; 6,000 images too
+
+    def send(kind):
+        try:
+            if kind == "good":
+                return kind, tf.make_ndarray(raw_predict(server, GOOD).outputs["probabilities"])
+            if kind == "oversized":
+                raw_predict(server, oversized)
+            else:
+                with grpc.insecure_channel(server) as channel:
+                    prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(amplified_request(), timeout=60)
+            return kind, "answered"
+        except grpc.RpcError as e:
+            return kind, e.code()
+    kinds = ["good"] * 32 * 3 + ["oversized"] * 4 + ["amplified"] * 4
+    with concurrent.futures.ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(send, kinds))
+    good = [a for kind, a in answers if kind == "good"]
+    assert len(good) == 96 and all(isinstance(a, np.ndarray) for a in good), [a for a in good if not isinstance(a, np.ndarray)][:3]
+    for answer in good:
+        np.testing.assert_allclose(answer, expected, atol=1e-6)
+    assert {a for kind, a in answers if kind == "oversized"} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert {a for kind, a in answers if kind == "amplified"} == {grpc.StatusCode.INVALID_ARGUMENT}
+
+
+def test_a_request_must_carry_every_value_of_its_shape(server):
+    with grpc.insecure_channel(server) as channel, pytest.raises(grpc.RpcError) as error:
+        prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(amplified_request(1, (2, 28, 28, 1)), timeout=30)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "holds 1: send every value" in error.value.details()
+    with grpc.insecure_channel(server) as channel:  # the same values in the typed list, every one of them: fine
+        answer = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(
+            amplified_request(2 * 28 * 28, (2, 28, 28, 1)), timeout=30)
+    assert tf.make_ndarray(answer.outputs["probabilities"]).shape == (2, 10)
+
+
+def test_requests_beyond_the_concurrency_limit_get_resource_exhausted(exported):
+    import concurrent.futures
+    root, _, _ = exported
+    grpc_server, port, _ = start_server(root / "out", port=0, workers=1, limits=Limits(max_concurrent_rpcs=2))
+    batch = np.repeat(GOOD, 128, axis=0)  # 256 images: long enough that the requests overlap
+    try:
+        def send(_):
+            try:
+                raw_predict(f"127.0.0.1:{port}", batch)
+                return "answered"
+            except grpc.RpcError as e:
+                return e.code()
+        with concurrent.futures.ThreadPoolExecutor(12) as pool:
+            codes = list(pool.map(send, range(12)))
+        assert set(codes) == {"answered", grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+        assert raw_predict(f"127.0.0.1:{port}", GOOD).outputs["probabilities"]  # and it serves on
+    finally:
+        grpc_server.stop(0)
+
+
+def self_signed_certificate(folder):
+    """(certificate, key) PEM files for 127.0.0.1 and localhost, made here."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                               x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+                   .sign(key, hashes.SHA256()))
+    (folder / "cert.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    (folder / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    return folder / "cert.pem", folder / "key.pem"
+
+
+def test_tls_serves_the_same_answers_and_only_over_tls(exported, tmp_path):
+    root, _, _ = exported
+    cert, key = self_signed_certificate(tmp_path)
+    grpc_server, port, _ = start_server(root / "out", port=0, tls_cert=cert, tls_key=key)
+    try:
+        address = f"127.0.0.1:{port}"
+        over_tls = client.predict_grpc(address, "capsnet", "serving_default", GOOD, timeout=30, tls_ca=cert)
+        with pytest.raises(CapstfError, match="Cannot reach a TF Serving gRPC server"):  # in the clear: refused
+            client.predict_grpc(address, "capsnet", "serving_default", GOOD, timeout=5)
+        np.save(tmp_path / "two.npy", GOOD)
+        result = CliRunner().invoke(main, ["predict", "--server", address, "--tls-ca", str(cert), str(tmp_path / "two.npy")])
+        assert result.exit_code == 0, result.output
+        assert [json.loads(line)["classes"] for line in result.output.strip().splitlines()] == over_tls["classes"].tolist()
+    finally:
+        grpc_server.stop(0)
+
+
+def test_tls_needs_both_files_and_says_so():
+    result = CliRunner().invoke(main, ["serve", "--export-dir", ".", "--tls-cert", "cert.pem"])
+    assert result.exit_code == 2 and result.output.strip().endswith("TLS needs both --tls-cert and --tls-key.")
 
 
 def test_unreachable_server_is_a_clear_error():

@@ -51,7 +51,19 @@ def read_images(paths) -> tuple:
     return np.concatenate(arrays), names
 
 
-def predict_grpc(server, model_name, signature, images, timeout=10.0) -> dict:
+def channel_to(server, tls_ca=None):
+    """A gRPC channel to HOST:PORT: in the clear, or over TLS trusting the PEM certificate(s) in tls_ca."""
+    import grpc
+    if not tls_ca:
+        return grpc.insecure_channel(server)
+    try:
+        roots = Path(tls_ca).read_bytes()
+    except OSError as e:
+        raise CapstfError(f"Cannot read --tls-ca {tls_ca}: {e.strerror}.") from None
+    return grpc.secure_channel(server, grpc.ssl_channel_credentials(root_certificates=roots))
+
+
+def predict_grpc(server, model_name, signature, images, timeout=10.0, tls_ca=None) -> dict:
     import grpc
     import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
@@ -59,7 +71,7 @@ def predict_grpc(server, model_name, signature, images, timeout=10.0) -> dict:
     request.model_spec.name = model_name
     request.model_spec.signature_name = signature
     request.inputs["images"].CopyFrom(tf.make_tensor_proto(images))
-    with grpc.insecure_channel(server) as channel:
+    with channel_to(server, tls_ca) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         try:
             response = stub.Predict(request, timeout=timeout)
@@ -68,12 +80,12 @@ def predict_grpc(server, model_name, signature, images, timeout=10.0) -> dict:
     return {k: tf.make_ndarray(v) for k, v in response.outputs.items()}
 
 
-def metadata_grpc(server, model_name, timeout=10.0) -> dict:
+def metadata_grpc(server, model_name, timeout=10.0, tls_ca=None) -> dict:
     import grpc
     from tensorflow_serving.apis import get_model_metadata_pb2, prediction_service_pb2_grpc
     request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
     request.model_spec.name = model_name
-    with grpc.insecure_channel(server) as channel:
+    with channel_to(server, tls_ca) as channel:
         try:
             response = prediction_service_pb2_grpc.PredictionServiceStub(channel).GetModelMetadata(request, timeout=timeout)
         except grpc.RpcError as e:

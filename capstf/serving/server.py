@@ -2,9 +2,12 @@
 
 A stand-in for tensorflow/serving where that cannot run (CI, a laptop): the same API, from
 tensorflow-serving-api's generated code, over the SavedModels `capstf export` wrote. Every bad
-request is answered with INVALID_ARGUMENT or NOT_FOUND and the server keeps serving.
+request is answered with INVALID_ARGUMENT or NOT_FOUND and the server keeps serving. Its work is
+bounded (Limits): requests beyond `max_concurrent_rpcs` get RESOURCE_EXHAUSTED, messages are
+capped in bytes, requests in images, and a request must carry every value of the shape it
+declares (TensorFlow would repeat a short proto's last value to fill it, so a 100-byte request
+could otherwise cost a full batch). Without a certificate it serves in the clear, unauthenticated.
 """
-import threading
 from concurrent import futures
 from pathlib import Path
 
@@ -16,9 +19,7 @@ from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
 from capstf.errors import CapstfError, RuntimeFailure, first_line
-
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-MAX_BATCH = 1024
+from capstf.serving.limits import Limits
 
 
 class Servable:
@@ -54,9 +55,8 @@ def load_servables(export_dir) -> dict:
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, servables):
-        self.servables = servables
-        self.lock = threading.Lock()  # one model call at a time: the CPU is the limit anyway
+    def __init__(self, servables, limits: Limits):
+        self.servables, self.limits = servables, limits
 
     def _servable(self, spec, context):
         servable = self.servables.get(spec.name)
@@ -87,12 +87,15 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         if len(shape) != len(spec.shape) or any(s is not None and s != d for s, d in zip(spec.shape, shape)):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {input_name!r} must have shape "
                           f"{[s if s is not None else -1 for s in spec.shape]}, got {shape}")
-        if not 0 < shape[0] <= MAX_BATCH:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"batch size must be 1..{MAX_BATCH}, got {shape[0]}")
+        if not 0 < shape[0] <= self.limits.max_images:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"batch size must be 1..{self.limits.max_images}, "
+                          f"got {shape[0]}")
+        if (sent := values_in(proto)) != np.prod(shape):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {input_name!r} declares shape {shape} "
+                          f"({np.prod(shape)} values) but holds {sent}: send every value")
         try:
             array = tf.make_ndarray(proto)
-            with self.lock:
-                outputs = signature(**{input_name: tf.constant(array)})
+            outputs = signature(**{input_name: tf.constant(array)})  # TensorFlow runs concurrent calls
         except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, first_line(e))
         response = predict_pb2.PredictResponse()
@@ -120,15 +123,40 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return response
 
 
-def start_server(export_dir, host="127.0.0.1", port=8500, workers=4):
-    """Starts serving in background threads; returns (grpc server, bound port)."""
-    service = PredictionService(load_servables(export_dir))
-    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+def values_in(proto) -> int:
+    """How many values a TensorProto carries (in its raw bytes, or in its typed list)."""
+    if proto.tensor_content:
+        return len(proto.tensor_content) // tf.dtypes.as_dtype(proto.dtype).size
+    return max(len(proto.float_val), len(proto.int_val), len(proto.double_val), len(proto.half_val),
+               len(proto.int64_val))
+
+
+def server_credentials(tls_cert, tls_key):
+    """grpc's TLS credentials from PEM files, or None (both unset)."""
+    if not tls_cert and not tls_key:
+        return None
+    if not (tls_cert and tls_key):
+        raise CapstfError("TLS needs both --tls-cert and --tls-key.")
+    try:
+        pair = (Path(tls_key).read_bytes(), Path(tls_cert).read_bytes())
+    except OSError as e:
+        raise CapstfError(f"Cannot read {e.filename}: {e.strerror}.") from None
+    return grpc.ssl_server_credentials([pair])
+
+
+def start_server(export_dir, host="127.0.0.1", port=8500, workers=4, limits=Limits(), tls_cert=None, tls_key=None):
+    """Starts serving in background threads; returns (grpc server, bound port, [(name, servable)]).
+    With tls_cert and tls_key (PEM files), only over TLS."""
+    credentials = server_credentials(tls_cert, tls_key)
+    service = PredictionService(load_servables(export_dir), limits)
+    options = [("grpc.max_receive_message_length", limits.max_message_bytes),
+               ("grpc.max_send_message_length", limits.max_message_bytes)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options,
+                         maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
     prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(service, server)
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = (server.add_secure_port(f"{host}:{port}", credentials) if credentials
+                 else server.add_insecure_port(f"{host}:{port}"))
     except RuntimeError:
         bound = 0
     if not bound:
