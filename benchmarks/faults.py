@@ -9,8 +9,9 @@ finishes. Reported: the interruptions survived, the steps lost per interruption 
 trained since the last checkpoint; at most one checkpoint interval for SIGKILL, none for
 SIGTERM), and whether the final weights equal those of the same run left alone.
 
-Modes: one-process (float32); float16 (mixed_float16 from Keras' initial loss scale, 2^15, so
-that early steps overflow and are skipped: the skipped steps must still count); multi-worker (two
+Modes: one-process (float32); float16 (mixed_float16 from Keras' initial loss scale, 2^15; the
+JSON's `counters` give the steps counted and the updates the optimizer applied, fewer where a
+step's gradients overflowed and its update was skipped: such steps must still count); multi-worker (two
 MultiWorkerMirroredStrategy workers on 127.0.0.1; a SIGKILL hits one random worker or both, a
 SIGTERM one random worker, which must stop both at the same step; the survivor of a SIGKILL is
 given `--survivor-grace` seconds to exit on its own, then killed, and the time it took is reported).
@@ -78,6 +79,18 @@ def checkpointed_step(model_dir):
     from capstf.checkpoints import list_checkpoints
     checkpoints = list_checkpoints(model_dir)
     return checkpoints[-1][0] if checkpoints else 0
+
+
+def step_counters(model_dir):
+    """The newest checkpoint's step count and every optimizer update count in it (with float16,
+    the updates fall behind the steps by the steps whose gradients overflowed)."""
+    import tensorflow as tf
+    from capstf.checkpoints import list_checkpoints
+    reader = tf.train.load_checkpoint(list_checkpoints(model_dir)[-1][1])
+    names = reader.get_variable_to_shape_map()
+    return {"steps_done": int(reader.get_tensor("steps_done/.ATTRIBUTES/VARIABLE_VALUE")),
+            "optimizer_updates": {name.split("/.ATTRIBUTES")[0]: int(reader.get_tensor(name))
+                                  for name in names if name.endswith("iterations/.ATTRIBUTES/VARIABLE_VALUE")}}
 
 
 def final_weights(model_dir):
@@ -150,6 +163,7 @@ def main():
             "interruptions": events,
             "straight_run_exit_codes": straight_codes, "final_run_exit_codes": final_codes,
             "final_step": [step_a, step_b],
+            "counters": {"straight": step_counters(straight), "interrupted": step_counters(interrupted)},
             "same_final_weights": step_a == step_b and all(np.allclose(x, y, atol=1e-5) for x, y in zip(a, b)),
             "max_weight_difference": float(max(np.max(np.abs(x - y)) for x, y in zip(a, b))),
         }
