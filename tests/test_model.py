@@ -1,3 +1,4 @@
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -241,6 +242,19 @@ def test_capsule_biases_add_160_parameters_and_the_authors_decoder_starts_where_
         np.testing.assert_array_equal(layer.bias.numpy(), np.float32(0.1))
     plain = build_model(ModelConfig(input_size=28, conv1_filters=8, primary_caps_types=2))
     assert all(np.all(layer.bias.numpy() == 0) for layer in plain.decoder.layers)
+
+
+def test_the_authors_decoder_initialization_follows_train_seed():
+    cfg = ModelConfig(input_size=28, conv1_filters=8, primary_caps_types=2, decoder_init="truncated-normal-0.1")
+    kernels = []  # the decoder's layers, built after keras.utils.set_random_seed, as build_state does
+    for seed in (0, 0, 1):
+        keras.utils.set_random_seed(seed)
+        kernels.append([layer.kernel.numpy() for layer in build_model(cfg).decoder.layers])
+    for same, other in zip(kernels[1], kernels[0]):
+        np.testing.assert_array_equal(same, other)  # the same seed, the same decoder
+    assert not np.allclose(kernels[0][0], kernels[2][0])  # another seed, another decoder
+    first, second = (kernels[0][i].ravel()[:512] for i in (0, 1))
+    assert not np.allclose(first, second)  # and each layer its own draws
 
 
 def test_margin_loss_equals_hand_computed_values():

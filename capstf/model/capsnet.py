@@ -13,11 +13,14 @@ from capstf.layers import CapsuleLength, CapsuleMask, Conv, DigitCapsules, Prima
 from capstf.model.base import Model
 
 KERNEL = 9  # both convolutions, as in the paper
-DECODER_INIT = {  # model.decoder_init -> the decoder's Dense initializers
-    "glorot-uniform": {},  # Keras' own: Glorot-uniform kernels, zero biases
-    # the authors' code (models/layers/variables.py): truncated normal 0.1, biases 0.1
-    "truncated-normal-0.1": {"kernel_initializer": keras.initializers.TruncatedNormal(stddev=0.1),
-                             "bias_initializer": keras.initializers.Constant(0.1)}}
+def decoder_initializers(decoder_init: str) -> dict:
+    """model.decoder_init -> one decoder Dense layer's initializer arguments, made afresh for each
+    layer: a Keras initializer draws its seed when it is made, so one made once (at import) would
+    give every layer, and every train.seed, the same draws."""
+    if decoder_init == "truncated-normal-0.1":  # the authors' models/layers/variables.py
+        return {"kernel_initializer": keras.initializers.TruncatedNormal(stddev=0.1),
+                "bias_initializer": keras.initializers.Constant(0.1)}
+    return {}  # glorot-uniform: Keras' own, Glorot-uniform kernels and zero biases
 
 
 class CapsNet(Model):
@@ -53,7 +56,7 @@ class CapsNet(Model):
         if cfg.decoder:
             self.mask = CapsuleMask(cfg.digits_per_image, name="mask")
             pixels = cfg.input_size * cfg.input_size * cfg.channels
-            dense = lambda units, activation: keras.layers.Dense(units, activation, **DECODER_INIT[cfg.decoder_init])
+            dense = lambda units, activation: keras.layers.Dense(units, activation, **decoder_initializers(cfg.decoder_init))
             self.decoder = keras.Sequential([dense(512, "relu"), dense(1024, "relu"), dense(pixels, "sigmoid")],
                                             name="decoder")
         self(tf.zeros([1, cfg.input_size, cfg.input_size, cfg.channels]))  # creates the weights
