@@ -1,5 +1,7 @@
 """Inference speed of an exported model, as JSON: batch-1 p50/p99 latency and batch-128
-throughput for the SavedModel, ONNX Runtime, and a gRPC round trip to `capstf serve`.
+throughput for the SavedModel, ONNX Runtime, and a gRPC round trip to `capstf serve`; and the
+first request's latency after `capstf serve` starts, with and without the export's warm-up
+requests (each in a fresh process, `--first-requests` times, median).
 
     python benchmarks/inference.py --model-dir runs/mnist [--export-dir /tmp/capstf-bench]
 
@@ -45,12 +47,47 @@ def throughput(fn, batch, calls):
     return round(len(batch) * calls / (time.perf_counter() - start), 1)
 
 
+FIRST_REQUEST = """
+import shutil, sys, time, numpy as np
+from pathlib import Path
+from capstf.serving.client import predict_grpc
+from capstf.serving.server import start_server
+out, warm = Path(sys.argv[1]), sys.argv[2] == "warm"
+if not warm:
+    shutil.rmtree(next(out.glob("capsnet/*/assets.extra")))
+server, port, _ = start_server(out, port=0)
+image = np.load(sys.argv[3])
+start = time.perf_counter()
+predict_grpc(f"127.0.0.1:{port}", "capsnet", "serving_default", image, timeout=120)
+print(1000 * (time.perf_counter() - start))
+"""
+
+
+def first_request_ms(out, image, warm, tries):
+    """Median over fresh processes of the first gRPC request's latency once serving has started."""
+    import shutil
+    import subprocess
+    times = []
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "image.npy", image)
+        version = max((p for p in (out / "capsnet").iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+        for _ in range(tries):
+            copy = Path(tmp) / "export"
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(version, copy / "capsnet" / "1")
+            run = subprocess.run([sys.executable, "-c", FIRST_REQUEST, str(copy), "warm" if warm else "cold",
+                                  str(Path(tmp) / "image.npy")], capture_output=True, text=True, check=True)
+            times.append(float(run.stdout.strip().splitlines()[-1]))
+    return round(float(np.median(times)), 1)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-dir", required=True)
     parser.add_argument("--export-dir", default=os.path.join(tempfile.gettempdir(), "capstf-bench"))
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--batch-calls", type=int, default=5)
+    parser.add_argument("--first-requests", type=int, default=3, help="Fresh servers per first-request figure.")
     args = parser.parse_args()
     out = Path(args.export_dir)
     if not (out / "capsnet.onnx").is_file():
@@ -75,6 +112,8 @@ def main():
                              "batch128_images_per_s": throughput(fn, images, args.batch_calls)}
     finally:
         server.stop(0)
+    results["first_request_ms"] = {kind: first_request_ms(out, images[:1], kind == "warmed_up", args.first_requests)
+                                   for kind in ("warmed_up", "cold")}
     print(json.dumps(results))
 
 

@@ -295,7 +295,8 @@ def serve(export_dir, host, port, tls_cert, tls_key, max_concurrent_rpcs, max_me
     server, bound, servables = start_server(export_dir, host, port, limits=limits, tls_cert=tls_cert, tls_key=tls_key)
     for name, servable in servables:
         click.echo(f"serving {name} version {servable.version} on {host}:{bound} "
-                   f"(gRPC{' over TLS' if tls_cert else ', in the clear'})")
+                   f"(gRPC{' over TLS' if tls_cert else ', in the clear'}; "
+                   f"{servable.warmup_requests} warm-up requests replayed)")
     sys.stdout.flush()
     server.wait_for_termination()
 

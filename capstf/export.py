@@ -1,7 +1,9 @@
 """`capstf export`: a SavedModel in TF Serving's layout and an ONNX model, both verified.
 
 OUT/<name>/<version>/      SavedModel; signatures `serving_default` (float32 images in [0, 1])
-                           and `predict_uint8` (uint8 images 0..255)
+                           and `predict_uint8` (uint8 images 0..255); and
+                           assets.extra/tf_serving_warmup_requests, a request to each signature
+                           that TF Serving (and `capstf serve`) replays before serving a version
 OUT/<name>.onnx            the same math through tf2onnx, checked in onnxruntime
 OUT/<name>.export_report.json   what was checked, and the largest differences found
 Everything is written under a temporary name and renamed only once verified.
@@ -152,8 +154,24 @@ def _write_savedmodel(module, folder, images, reference, xla):
     _check(uint8_diffs, "The SavedModel's predict_uint8")
     if not xla and b"_XlaMustCompile" in b"".join(p.read_bytes() for p in folder.rglob("*.pb")):
         raise RuntimeFailure("The SavedModel holds XLA must-compile attributes; TF Serving and tf2onnx cannot run them.")
+    write_warmup_requests(folder, {"serving_default": images[:1], "predict_uint8": image_bytes[:1]})
     return {"signatures": ["serving_default", "predict_uint8"], "max_abs_difference": diffs,
             "predict_uint8_max_abs_difference": uint8_diffs}
+
+
+def write_warmup_requests(folder, inputs_by_signature):
+    """TF Serving's warm-up file: one PredictionLog per signature, its `images` input given. A
+    server replays them as it loads the version, so the first real request does not pay for the
+    first run of every kernel."""
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+    (folder / "assets.extra").mkdir()
+    with tf.io.TFRecordWriter(str(folder / "assets.extra" / "tf_serving_warmup_requests")) as records:
+        for signature, images in inputs_by_signature.items():
+            request = predict_pb2.PredictRequest()
+            request.model_spec.signature_name = signature
+            request.inputs["images"].CopyFrom(tf.make_tensor_proto(np.asarray(images)))
+            records.write(prediction_log_pb2.PredictionLog(
+                predict_log=prediction_log_pb2.PredictLog(request=request)).SerializeToString())
 
 
 def _write_onnx(module, path, images, reference):

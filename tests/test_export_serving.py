@@ -68,6 +68,20 @@ def test_export_writes_tf_serving_layout_and_a_verified_report(exported):
     assert b"_XlaMustCompile" not in (root / "out" / "capsnet" / "1" / "saved_model.pb").read_bytes()
 
 
+def test_export_writes_a_warmup_request_per_signature_and_serving_replays_them(exported):
+    from tensorflow_serving.apis import prediction_log_pb2
+    root, _, _ = exported
+    records = root / "out" / "capsnet" / "1" / "assets.extra" / "tf_serving_warmup_requests"  # TF Serving's place
+    logs = [prediction_log_pb2.PredictionLog.FromString(r) for r in tf.data.TFRecordDataset(str(records)).as_numpy_iterator()]
+    requests = {log.predict_log.request.model_spec.signature_name: log.predict_log.request for log in logs}
+    assert sorted(requests) == ["predict_uint8", "serving_default"] and len(logs) == 2
+    first = digits(1)  # the first verification image, as floats and as bytes
+    np.testing.assert_array_equal(tf.make_ndarray(requests["serving_default"].inputs["images"]), first)
+    np.testing.assert_array_equal(tf.make_ndarray(requests["predict_uint8"].inputs["images"]),
+                                  np.round(first * 255).astype(np.uint8))
+    assert load_servables(root / "out")["capsnet"].warmup_requests == 2
+
+
 def test_next_export_gets_the_next_version_and_existing_versions_are_refused(exported):
     root, _, _ = exported
     with pytest.raises(CapstfError, match="already exists"):

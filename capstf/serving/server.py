@@ -16,14 +16,16 @@ import numpy as np
 import tensorflow as tf
 from google.protobuf.message import DecodeError
 from tensorflow.core.protobuf import saved_model_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import (get_model_metadata_pb2, predict_pb2, prediction_log_pb2,
+                                     prediction_service_pb2_grpc)
 
 from capstf.errors import CapstfError, RuntimeFailure, first_line
 from capstf.serving.limits import Limits
 
 
 class Servable:
-    """One exported model version: its signatures and their SignatureDefs (for metadata)."""
+    """One exported model version: its signatures and their SignatureDefs (for metadata), warmed
+    up with the version's warm-up requests, as TF Serving does, before it serves."""
 
     def __init__(self, name, version, path: Path):
         self.name, self.version = name, version
@@ -31,6 +33,19 @@ class Servable:
         self.signatures = dict(self.loaded.signatures)
         meta = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
         self.signature_defs = dict(meta.meta_graphs[0].signature_def)
+        self.warmup_requests = self.warm_up(path / "assets.extra" / "tf_serving_warmup_requests")
+
+    def warm_up(self, records: Path) -> int:
+        """Replays the PredictLogs of TF Serving's warm-up file (if any); returns how many."""
+        if not records.is_file():
+            return 0
+        replayed = 0
+        for record in tf.data.TFRecordDataset(str(records)).as_numpy_iterator():
+            request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
+            signature = self.signatures[request.model_spec.signature_name or "serving_default"]
+            signature(**{key: tf.constant(tf.make_ndarray(value)) for key, value in request.inputs.items()})
+            replayed += 1
+        return replayed
 
 
 def load_servables(export_dir) -> dict:
@@ -46,7 +61,7 @@ def load_servables(export_dir) -> dict:
             version, path = versions[-1]
             try:
                 servables[model.name] = Servable(model.name, version, path)
-            except (OSError, ValueError, IndexError, tf.errors.OpError, DecodeError) as e:  # a truncated file
+            except (OSError, ValueError, IndexError, KeyError, tf.errors.OpError, DecodeError) as e:  # a truncated file
                 raise CapstfError(f"{path} is not a readable SavedModel ({first_line(e)}); export the model "
                                   "again, or remove that version to serve the one before.") from None
     if not servables:
