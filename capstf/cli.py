@@ -283,8 +283,10 @@ def export(model_dir, export_dir, name, version, formats, xla, data_dir):
               show_default=True, help="Largest request or answer, in MiB.")
 @click.option("--max-images", type=click.IntRange(1), default=Limits.max_images, show_default=True,
               help="Images per request; beyond them INVALID_ARGUMENT.")
+@click.option("--poll-seconds", type=click.FloatRange(0), default=1.0, show_default=True,
+              help="How often to look for newer versions to load and serve (0: never).")
 @clear_errors
-def serve(export_dir, host, port, tls_cert, tls_key, max_concurrent_rpcs, max_message_mb, max_images):
+def serve(export_dir, host, port, tls_cert, tls_key, max_concurrent_rpcs, max_message_mb, max_images, poll_seconds):
     """Serve exported models over TF Serving's gRPC PredictionService API.
 
     \b
@@ -292,7 +294,8 @@ def serve(export_dir, host, port, tls_cert, tls_key, max_concurrent_rpcs, max_me
     """
     from capstf.serving.server import start_server
     limits = Limits(max_concurrent_rpcs, int(max_message_mb * 2**20), max_images)
-    server, bound, servables = start_server(export_dir, host, port, limits=limits, tls_cert=tls_cert, tls_key=tls_key)
+    server, bound, servables = start_server(export_dir, host, port, limits=limits, tls_cert=tls_cert, tls_key=tls_key,
+                                            poll_seconds=poll_seconds, log=lambda message: click.echo(message) or sys.stdout.flush())
     for name, servable in servables:
         click.echo(f"serving {name} version {servable.version} on {host}:{bound} "
                    f"(gRPC{' over TLS' if tls_cert else ', in the clear'}; "

@@ -311,6 +311,41 @@ def test_tls_needs_both_files_and_says_so():
     assert result.exit_code == 2 and result.output.strip().endswith("TLS needs both --tls-cert and --tls-key.")
 
 
+def test_a_version_exported_while_serving_is_picked_up_and_no_request_fails(exported, tmp_path):
+    import threading
+    import time
+    root, _, _ = exported
+    shutil.copytree(root / "out" / "capsnet" / "1", tmp_path / "out" / "capsnet" / "1")
+    loaded = []
+    grpc_server, port, _ = start_server(tmp_path / "out", port=0, poll_seconds=0.2, log=loaded.append)
+    answers, stop = [], threading.Event()  # (version, probabilities) or a status code, from 4 clients
+
+    def ask():
+        while not stop.is_set():
+            try:
+                response = raw_predict(f"127.0.0.1:{port}", GOOD)
+                answers.append((response.model_spec.version.value, tf.make_ndarray(response.outputs["probabilities"])))
+            except grpc.RpcError as e:
+                answers.append(e.code())
+    clients = [threading.Thread(target=ask) for _ in range(4)]
+    try:
+        [c.start() for c in clients]
+        export(root / "model", tmp_path / "out", formats=("savedmodel",))  # version 2, while they ask
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(isinstance(a, tuple) and a[0] == 2 for a in answers[-4:]):
+            time.sleep(0.1)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        [c.join() for c in clients]
+        grpc_server.stop(0)
+    failed = [a for a in answers if not isinstance(a, tuple)]
+    assert not failed and {version for version, _ in answers} == {1, 2}, failed[:3]
+    expected = answers[0][1]  # both versions are the same checkpoint: the same answer
+    assert all(np.allclose(probabilities, expected, atol=1e-6) for _, probabilities in answers)
+    assert loaded == ["serving capsnet version 2 (2 warm-up requests replayed)"]
+
+
 def test_unreachable_server_is_a_clear_error():
     result = CliRunner().invoke(main, ["predict", "--server", "127.0.0.1:1", "--timeout", "2", "x.npy"])
     assert result.exit_code == 2 and "no such file" in result.output

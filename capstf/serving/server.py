@@ -8,6 +8,7 @@ capped in bytes, requests in images, and a request must carry every value of the
 declares (TensorFlow would repeat a short proto's last value to fill it, so a 100-byte request
 could otherwise cost a full batch). Without a certificate it serves in the clear, unauthenticated.
 """
+import threading
 from concurrent import futures
 from pathlib import Path
 
@@ -48,25 +49,85 @@ class Servable:
         return replayed
 
 
+def newest_versions(root: Path) -> dict:
+    """{model name: (version, path)} of the newest OUT/<name>/<version>/ holding a saved_model.pb."""
+    newest = {}
+    for model in sorted(p for p in root.iterdir() if p.is_dir()):
+        versions = sorted((int(v.name), v) for v in model.iterdir()
+                          if v.name.isdigit() and (v / "saved_model.pb").is_file())
+        if versions:
+            newest[model.name] = versions[-1]
+    return newest
+
+
+def load_servable(name, version, path) -> Servable:
+    try:
+        return Servable(name, version, path)
+    except (OSError, ValueError, IndexError, KeyError, tf.errors.OpError, DecodeError) as e:  # a truncated file
+        raise CapstfError(f"{path} is not a readable SavedModel ({first_line(e)}); export the model "
+                          "again, or remove that version to serve the one before.") from None
+
+
 def load_servables(export_dir) -> dict:
     """{model name: Servable of its newest version} for every OUT/<name>/<version>/ folder."""
     root = Path(export_dir)
     if not root.is_dir():
         raise CapstfError(f"--export-dir {root} does not exist; run `capstf export` first.")
-    servables = {}
-    for model in sorted(p for p in root.iterdir() if p.is_dir()):
-        versions = sorted((int(v.name), v) for v in model.iterdir()
-                          if v.name.isdigit() and (v / "saved_model.pb").is_file())
-        if versions:
-            version, path = versions[-1]
-            try:
-                servables[model.name] = Servable(model.name, version, path)
-            except (OSError, ValueError, IndexError, KeyError, tf.errors.OpError, DecodeError) as e:  # a truncated file
-                raise CapstfError(f"{path} is not a readable SavedModel ({first_line(e)}); export the model "
-                                  "again, or remove that version to serve the one before.") from None
+    servables = {name: load_servable(name, version, path) for name, (version, path) in newest_versions(root).items()}
     if not servables:
         raise CapstfError(f"{root} holds no exported model (expected {root}/<name>/<version>/saved_model.pb).")
     return servables
+
+
+class VersionWatcher(threading.Thread):
+    """Polls the export dir for newer versions, as TF Serving's --file_system_poll_wait_seconds
+    does. A newer version is loaded whole, warm-up included, before any request is answered from
+    it; one that does not load (still being copied in by hand) is tried again at the next poll,
+    and the version served goes on meanwhile. `capstf export` publishes a version by renaming a
+    finished folder into place, so it never shows half-written."""
+
+    def __init__(self, root: Path, service, poll_seconds: float, log):
+        super().__init__(daemon=True, name="capstf-version-watcher")
+        self.root, self.service, self.poll_seconds, self.log = root, service, poll_seconds, log
+        self.stopped, self.unloadable = threading.Event(), set()
+
+    def run(self):
+        while not self.stopped.wait(self.poll_seconds):
+            self.poll()
+
+    def poll(self):
+        try:
+            newest = newest_versions(self.root)
+        except OSError:  # the folder is gone or unreadable for now: keep serving what is loaded
+            return
+        for name, (version, path) in newest.items():
+            served = self.service.servables.get(name)
+            if served is not None and served.version >= version or path in self.unloadable:
+                continue
+            try:
+                servable = load_servable(name, version, path)
+            except CapstfError as e:
+                self.unloadable.add(path)
+                self.log(f"not serving {path}: {e}")
+                continue
+            # One assignment: each request reads the old mapping or the new one, never a mix.
+            self.service.servables = {**self.service.servables, name: servable}
+            self.log(f"serving {name} version {version} ({servable.warmup_requests} warm-up requests replayed)")
+
+
+class Server:
+    """A running `capstf serve`: the gRPC server and its version watcher; stop() ends both."""
+
+    def __init__(self, grpc_server, watcher):
+        self.grpc_server, self.watcher = grpc_server, watcher
+
+    def stop(self, grace=None):
+        if self.watcher:
+            self.watcher.stopped.set()
+        return self.grpc_server.stop(grace)
+
+    def wait_for_termination(self):
+        return self.grpc_server.wait_for_termination()
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
@@ -159,9 +220,11 @@ def server_credentials(tls_cert, tls_key):
     return grpc.ssl_server_credentials([pair])
 
 
-def start_server(export_dir, host="127.0.0.1", port=8500, workers=4, limits=Limits(), tls_cert=None, tls_key=None):
-    """Starts serving in background threads; returns (grpc server, bound port, [(name, servable)]).
-    With tls_cert and tls_key (PEM files), only over TLS."""
+def start_server(export_dir, host="127.0.0.1", port=8500, workers=4, limits=Limits(), tls_cert=None, tls_key=None,
+                 poll_seconds=1.0, log=lambda message: None):
+    """Starts serving in background threads; returns (Server, bound port, [(name, servable)]).
+    With tls_cert and tls_key (PEM files), only over TLS. Every poll_seconds (0: never) newer
+    versions in export_dir are loaded and served (log says so)."""
     credentials = server_credentials(tls_cert, tls_key)
     service = PredictionService(load_servables(export_dir), limits)
     options = [("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -177,4 +240,7 @@ def start_server(export_dir, host="127.0.0.1", port=8500, workers=4, limits=Limi
     if not bound:
         raise RuntimeFailure(f"Cannot listen on {host}:{port} (in use, or not an address of this machine).")
     server.start()
-    return server, bound, sorted(service.servables.items())
+    watcher = VersionWatcher(Path(export_dir), service, poll_seconds, log) if poll_seconds else None
+    if watcher:
+        watcher.start()
+    return Server(server, watcher), bound, sorted(service.servables.items())
