@@ -285,8 +285,12 @@ def export(model_dir, export_dir, name, version, formats, xla, data_dir):
               help="Images per request; beyond them INVALID_ARGUMENT.")
 @click.option("--poll-seconds", type=click.FloatRange(0), default=1.0, show_default=True,
               help="How often to look for newer versions to load and serve (0: never).")
+@click.option("--rest-port", type=click.IntRange(0, 65535), default=8501, show_default=True,
+              help="TF Serving's REST API on this port, in plain HTTP (not started with --tls-cert).")
+@click.option("--no-rest", is_flag=True, help="Serve gRPC only.")
 @clear_errors
-def serve(export_dir, host, port, tls_cert, tls_key, max_concurrent_rpcs, max_message_mb, max_images, poll_seconds):
+def serve(export_dir, host, port, tls_cert, tls_key, max_concurrent_rpcs, max_message_mb, max_images, poll_seconds,
+          rest_port, no_rest):
     """Serve exported models over TF Serving's gRPC PredictionService API.
 
     \b
@@ -294,11 +298,14 @@ def serve(export_dir, host, port, tls_cert, tls_key, max_concurrent_rpcs, max_me
     """
     from capstf.serving.server import start_server
     limits = Limits(max_concurrent_rpcs, int(max_message_mb * 2**20), max_images)
+    rest = None if no_rest or tls_cert else rest_port  # REST would be plain HTTP beside TLS gRPC
     server, bound, servables = start_server(export_dir, host, port, limits=limits, tls_cert=tls_cert, tls_key=tls_key,
-                                            poll_seconds=poll_seconds, log=lambda message: click.echo(message) or sys.stdout.flush())
+                                            poll_seconds=poll_seconds, rest_port=rest,
+                                            log=lambda message: click.echo(message) or sys.stdout.flush())
+    apis = f"gRPC on {host}:{bound}{' over TLS' if tls_cert else ''}" + \
+        (f", REST on {host}:{server.rest_port}" if server.rest_port else "") + ("" if tls_cert else ", in the clear")
     for name, servable in servables:
-        click.echo(f"serving {name} version {servable.version} on {host}:{bound} "
-                   f"(gRPC{' over TLS' if tls_cert else ', in the clear'}; "
+        click.echo(f"serving {name} version {servable.version} ({apis}; "
                    f"{servable.warmup_requests} warm-up requests replayed)")
     sys.stdout.flush()
     server.wait_for_termination()

@@ -20,7 +20,8 @@ from capstf.errors import CapstfError, RuntimeFailure
 from capstf.export import export
 from capstf.serving import client
 from capstf.serving.limits import Limits
-from capstf.serving.server import load_servables, start_server
+from capstf.serving.models import load_servables
+from capstf.serving.server import start_server
 from capstf.checkpoints import restore_for_inference
 
 
@@ -344,6 +345,89 @@ def test_a_version_exported_while_serving_is_picked_up_and_no_request_fails(expo
     expected = answers[0][1]  # both versions are the same checkpoint: the same answer
     assert all(np.allclose(probabilities, expected, atol=1e-6) for _, probabilities in answers)
     assert loaded == ["serving capsnet version 2 (2 warm-up requests replayed)"]
+
+
+@pytest.fixture(scope="module")
+def rest_server(exported):
+    root, _, _ = exported
+    server, port, _ = start_server(root / "out", port=0, rest_port=0, poll_seconds=0)
+    yield f"127.0.0.1:{port}", f"127.0.0.1:{server.rest_port}"
+    server.stop(0)
+
+
+def http(address, path, body=None):
+    """(HTTP status, decoded JSON body) of a GET, or of a POST of `body` (bytes or JSON-able)."""
+    import urllib.error
+    import urllib.request
+    data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(f"http://{address}{path}", data), timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+def test_rest_answers_equal_grpc_in_both_formats_and_both_signatures(rest_server, tmp_path):
+    grpc_address, rest = rest_server
+    answer = raw_predict(grpc_address, GOOD)
+    from_grpc = {k: tf.make_ndarray(v) for k, v in answer.outputs.items()}
+    status, columnar = http(rest, "/v1/models/capsnet:predict", {"inputs": {"images": GOOD.tolist()}})
+    assert status == 200 and set(columnar["outputs"]) == set(from_grpc)
+    status, rows = http(rest, f"/v1/models/capsnet/versions/{answer.model_spec.version.value}:predict",
+                        {"instances": GOOD.tolist()})
+    assert status == 200 and len(rows["predictions"]) == 2
+    status, uint8_rows = http(rest, "/v1/models/capsnet:predict", {
+        "signature_name": "predict_uint8", "instances": [{"images": np.round(image * 255).astype(int).tolist()} for image in GOOD]})
+    assert status == 200
+    for key, expected in from_grpc.items():
+        np.testing.assert_allclose(np.asarray(columnar["outputs"][key]), expected, atol=1e-6)
+        for answers in (rows, uint8_rows):
+            np.testing.assert_allclose(np.asarray([p[key] for p in answers["predictions"]]), expected, atol=1e-6)
+    np.save(tmp_path / "two.npy", GOOD)
+    outputs = [CliRunner().invoke(main, ["predict", "--server", address, *flag, str(tmp_path / "two.npy")]).output
+               for address, flag in ((rest, ["--rest"]), (grpc_address, []))]
+    assert outputs[0] == outputs[1] and outputs[0].count("\n") == 2  # capstf predict --rest: the gRPC answers
+
+
+def test_rest_status_and_metadata_are_tf_servings(rest_server):
+    grpc_address, rest = rest_server
+    version = str(raw_predict(grpc_address, GOOD).model_spec.version.value)  # the newest, whatever tests exported
+    assert http(rest, "/v1/models/capsnet") == (200, {"model_version_status": [
+        {"version": version, "state": "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]})
+    status, metadata = http(rest, f"/v1/models/capsnet/versions/{version}/metadata")
+    signatures = metadata["metadata"]["signature_def"]["signature_def"]
+    assert status == 200 and metadata["model_spec"] == {"name": "capsnet", "signature_name": "", "version": version}
+    assert signatures["serving_default"]["inputs"]["images"]["dtype"] == "DT_FLOAT"
+    assert signatures["predict_uint8"]["inputs"]["images"]["dtype"] == "DT_UINT8"
+
+
+@pytest.mark.parametrize("path, body, status, message", [
+    ("/v1/models/nope", None, 404, "Servable not found"),
+    ("/v1/models/capsnet/versions/7", None, 404, "version 7 not found"),
+    ("/v2/anything", None, 404, "Malformed request"),
+    ("/v1/models/capsnet:predict", b"{not json", 400, "not JSON"),
+    ("/v1/models/capsnet:predict", {"instances": [[1, 2]]}, 400, "must have shape"),
+    ("/v1/models/capsnet:predict", {"inputs": GOOD.tolist(), "instances": GOOD.tolist()}, 400, "exactly one"),
+    ("/v1/models/capsnet:predict", {"inputs": {"pixels": GOOD.tolist()}}, 400, "takes exactly one input"),
+    ("/v1/models/capsnet:predict", {"instances": (GOOD * 255).tolist()}, 400, "images must be in [0, 1]"),
+    ("/v1/models/capsnet:predict", {"signature_name": "predict_uint8", "instances": GOOD.tolist()}, 400, "whole numbers"),
+])
+def test_bad_rest_requests_get_tf_servings_error_bodies(rest_server, path, body, status, message):
+    _, rest = rest_server
+    answer = http(rest, path, body)
+    assert answer[0] == status and message in answer[1]["error"], answer
+    assert http(rest, "/v1/models/capsnet")[0] == 200  # and it serves on
+
+
+def test_a_rest_body_over_the_message_limit_is_413_with_an_error_body(exported):
+    root, _, _ = exported
+    server, _, _ = start_server(root / "out", port=0, rest_port=0, poll_seconds=0, limits=Limits(max_message_bytes=100_000))
+    try:
+        status, body = http(f"127.0.0.1:{server.rest_port}", "/v1/models/capsnet:predict",
+                            {"instances": np.zeros([32, 28, 28, 1]).tolist()})  # 177 KB of JSON
+        assert status == 413 and "at most 100000" in body["error"]
+    finally:
+        server.stop(0)
 
 
 def test_unreachable_server_is_a_clear_error():

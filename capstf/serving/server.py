@@ -15,187 +15,81 @@ from pathlib import Path
 import grpc
 import numpy as np
 import tensorflow as tf
-from google.protobuf.message import DecodeError
-from tensorflow.core.protobuf import saved_model_pb2
-from tensorflow_serving.apis import (get_model_metadata_pb2, predict_pb2, prediction_log_pb2,
-                                     prediction_service_pb2_grpc)
+import waitress
+from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 
-from capstf.errors import CapstfError, RuntimeFailure, first_line
+from capstf.errors import CapstfError, RuntimeFailure
 from capstf.serving.limits import Limits
-
-
-class Servable:
-    """One exported model version: its signatures and their SignatureDefs (for metadata), warmed
-    up with the version's warm-up requests, as TF Serving does, before it serves."""
-
-    def __init__(self, name, version, path: Path):
-        self.name, self.version = name, version
-        self.loaded = tf.saved_model.load(str(path))
-        self.signatures = dict(self.loaded.signatures)
-        meta = saved_model_pb2.SavedModel.FromString((path / "saved_model.pb").read_bytes())
-        self.signature_defs = dict(meta.meta_graphs[0].signature_def)
-        self.warmup_requests = self.warm_up(path / "assets.extra" / "tf_serving_warmup_requests")
-
-    def warm_up(self, records: Path) -> int:
-        """Replays the PredictLogs of TF Serving's warm-up file (if any); returns how many."""
-        if not records.is_file():
-            return 0
-        replayed = 0
-        for record in tf.data.TFRecordDataset(str(records)).as_numpy_iterator():
-            request = prediction_log_pb2.PredictionLog.FromString(record).predict_log.request
-            signature = self.signatures[request.model_spec.signature_name or "serving_default"]
-            signature(**{key: tf.constant(tf.make_ndarray(value)) for key, value in request.inputs.items()})
-            replayed += 1
-        return replayed
-
-
-def newest_versions(root: Path) -> dict:
-    """{model name: (version, path)} of the newest OUT/<name>/<version>/ holding a saved_model.pb."""
-    newest = {}
-    for model in sorted(p for p in root.iterdir() if p.is_dir()):
-        versions = sorted((int(v.name), v) for v in model.iterdir()
-                          if v.name.isdigit() and (v / "saved_model.pb").is_file())
-        if versions:
-            newest[model.name] = versions[-1]
-    return newest
-
-
-def load_servable(name, version, path) -> Servable:
-    try:
-        return Servable(name, version, path)
-    except (OSError, ValueError, IndexError, KeyError, tf.errors.OpError, DecodeError) as e:  # a truncated file
-        raise CapstfError(f"{path} is not a readable SavedModel ({first_line(e)}); export the model "
-                          "again, or remove that version to serve the one before.") from None
-
-
-def load_servables(export_dir) -> dict:
-    """{model name: Servable of its newest version} for every OUT/<name>/<version>/ folder."""
-    root = Path(export_dir)
-    if not root.is_dir():
-        raise CapstfError(f"--export-dir {root} does not exist; run `capstf export` first.")
-    servables = {name: load_servable(name, version, path) for name, (version, path) in newest_versions(root).items()}
-    if not servables:
-        raise CapstfError(f"{root} holds no exported model (expected {root}/<name>/<version>/saved_model.pb).")
-    return servables
-
-
-class VersionWatcher(threading.Thread):
-    """Polls the export dir for newer versions, as TF Serving's --file_system_poll_wait_seconds
-    does. A newer version is loaded whole, warm-up included, before any request is answered from
-    it; one that does not load (still being copied in by hand) is tried again at the next poll,
-    and the version served goes on meanwhile. `capstf export` publishes a version by renaming a
-    finished folder into place, so it never shows half-written."""
-
-    def __init__(self, root: Path, service, poll_seconds: float, log):
-        super().__init__(daemon=True, name="capstf-version-watcher")
-        self.root, self.service, self.poll_seconds, self.log = root, service, poll_seconds, log
-        self.stopped, self.unloadable = threading.Event(), set()
-
-    def run(self):
-        while not self.stopped.wait(self.poll_seconds):
-            self.poll()
-
-    def poll(self):
-        try:
-            newest = newest_versions(self.root)
-        except OSError:  # the folder is gone or unreadable for now: keep serving what is loaded
-            return
-        for name, (version, path) in newest.items():
-            served = self.service.servables.get(name)
-            if served is not None and served.version >= version or path in self.unloadable:
-                continue
-            try:
-                servable = load_servable(name, version, path)
-            except CapstfError as e:
-                self.unloadable.add(path)
-                self.log(f"not serving {path}: {e}")
-                continue
-            # One assignment: each request reads the old mapping or the new one, never a mix.
-            self.service.servables = {**self.service.servables, name: servable}
-            self.log(f"serving {name} version {version} ({servable.warmup_requests} warm-up requests replayed)")
+from capstf.serving.models import Models, RequestError, VersionWatcher, load_servables
+from capstf.serving.rest import rest_app
 
 
 class Server:
-    """A running `capstf serve`: the gRPC server and its version watcher; stop() ends both."""
+    """A running `capstf serve`: the gRPC server, its REST server (if any, on rest_port) and
+    its version watcher (if any); stop() ends them all."""
 
-    def __init__(self, grpc_server, watcher):
-        self.grpc_server, self.watcher = grpc_server, watcher
+    def __init__(self, grpc_server, rest_server, watcher):
+        self.grpc_server, self.rest_server, self.watcher = grpc_server, rest_server, watcher
+        self.rest_port = rest_server.effective_port if rest_server else None
 
     def stop(self, grace=None):
         if self.watcher:
             self.watcher.stopped.set()
+        if self.rest_server:
+            self.rest_server.close()
         return self.grpc_server.stop(grace)
 
     def wait_for_termination(self):
         return self.grpc_server.wait_for_termination()
 
-
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, servables, limits: Limits):
-        self.servables, self.limits = servables, limits
+    """TF Serving's gRPC API over `Models`."""
 
-    def _servable(self, spec, context):
-        servable = self.servables.get(spec.name)
-        if servable is None:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: model {spec.name!r}; "
-                          f"serving {sorted(self.servables)}")
-        if spec.HasField("version") and spec.version.value != servable.version:
-            context.abort(grpc.StatusCode.NOT_FOUND, f"model {spec.name!r} version {spec.version.value} "
-                          f"not found; serving version {servable.version}")
-        return servable
+    def __init__(self, models: Models):
+        self.models = models
 
     def Predict(self, request, context):
-        servable = self._servable(request.model_spec, context)
-        signature_name = request.model_spec.signature_name or "serving_default"
-        signature = servable.signatures.get(signature_name)
-        if signature is None:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"signature {signature_name!r} not found; "
-                          f"available: {sorted(servable.signatures)}")
-        (input_name, spec), = signature.structured_input_signature[1].items()
-        if set(request.inputs) != {input_name}:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"signature {signature_name!r} takes exactly one "
-                          f"input {input_name!r}, got {sorted(request.inputs)}")
-        proto = request.inputs[input_name]
-        if proto.dtype != spec.dtype.as_datatype_enum:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {input_name!r} must be {spec.dtype.name}, "
-                          f"got {tf.dtypes.as_dtype(proto.dtype).name}")
-        shape = [d.size for d in proto.tensor_shape.dim]
-        if len(shape) != len(spec.shape) or any(s is not None and s != d for s, d in zip(spec.shape, shape)):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {input_name!r} must have shape "
-                          f"{[s if s is not None else -1 for s in spec.shape]}, got {shape}")
-        if not 0 < shape[0] <= self.limits.max_images:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"batch size must be 1..{self.limits.max_images}, "
-                          f"got {shape[0]}")
-        if (sent := values_in(proto)) != np.prod(shape):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"input {input_name!r} declares shape {shape} "
-                          f"({np.prod(shape)} values) but holds {sent}: send every value")
         try:
-            array = tf.make_ndarray(proto)
-            outputs = signature(**{input_name: tf.constant(array)})  # TensorFlow runs concurrent calls
-        except (tf.errors.InvalidArgumentError, ValueError, TypeError) as e:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, first_line(e))
+            return self._predict(request)
+        except RequestError as e:
+            context.abort(e.code, str(e))
+
+    def _predict(self, request):
+        spec = request.model_spec
+        servable = self.models.servable(spec.name, spec.version.value if spec.HasField("version") else None)
+        signature_name = spec.signature_name or "serving_default"
+        signature, input_name, input_spec = self.models.input_spec(servable, signature_name, request.inputs)
+        proto = request.inputs[input_name]
+        if proto.dtype != input_spec.dtype.as_datatype_enum:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"input {input_name!r} must be "
+                               f"{input_spec.dtype.name}, got {tf.dtypes.as_dtype(proto.dtype).name}")
+        shape = [d.size for d in proto.tensor_shape.dim]
+        self.models.check_shape(input_name, input_spec, shape)
+        if (sent := values_in(proto)) != np.prod(shape):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"input {input_name!r} declares shape {shape} "
+                               f"({np.prod(shape)} values) but holds {sent}: send every value")
+        outputs = self.models.run(signature, input_name, tf.make_ndarray(proto))
         response = predict_pb2.PredictResponse()
         response.model_spec.name, response.model_spec.signature_name = servable.name, signature_name
         response.model_spec.version.value = servable.version
-        output_filter = set(request.output_filter) or set(outputs)
-        for key in output_filter:
+        for key in set(request.output_filter) or set(outputs):
             if key not in outputs:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"output_filter names unknown output {key!r}")
-            response.outputs[key].CopyFrom(tf.make_tensor_proto(np.asarray(outputs[key])))
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"output_filter names unknown output {key!r}")
+            response.outputs[key].CopyFrom(tf.make_tensor_proto(outputs[key]))
         return response
 
     def GetModelMetadata(self, request, context):
-        servable = self._servable(request.model_spec, context)
-        unsupported = set(request.metadata_field) - {"signature_def"}
-        if unsupported or not request.metadata_field:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "metadata_field must be ['signature_def']")
+        try:
+            spec = request.model_spec
+            servable = self.models.servable(spec.name, spec.version.value if spec.HasField("version") else None)
+            if set(request.metadata_field) != {"signature_def"}:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "metadata_field must be ['signature_def']")
+        except RequestError as e:
+            context.abort(e.code, str(e))
         response = get_model_metadata_pb2.GetModelMetadataResponse()
         response.model_spec.name = servable.name
         response.model_spec.version.value = servable.version
-        signatures = get_model_metadata_pb2.SignatureDefMap()
-        for key, value in servable.signature_defs.items():
-            signatures.signature_def[key].CopyFrom(value)
-        response.metadata["signature_def"].Pack(signatures)
+        response.metadata["signature_def"].Pack(self.models.signature_def_map(servable))
         return response
 
 
@@ -221,17 +115,18 @@ def server_credentials(tls_cert, tls_key):
 
 
 def start_server(export_dir, host="127.0.0.1", port=8500, workers=4, limits=Limits(), tls_cert=None, tls_key=None,
-                 poll_seconds=1.0, log=lambda message: None):
-    """Starts serving in background threads; returns (Server, bound port, [(name, servable)]).
-    With tls_cert and tls_key (PEM files), only over TLS. Every poll_seconds (0: never) newer
-    versions in export_dir are loaded and served (log says so)."""
+                 poll_seconds=1.0, log=lambda message: None, rest_port=None):
+    """Starts serving in background threads; returns (Server, bound gRPC port, [(name, servable)]).
+    With tls_cert and tls_key (PEM files), gRPC only over TLS. rest_port: TF Serving's REST API
+    there too (0: any free port; plain HTTP). Every poll_seconds (0: never) newer versions in
+    export_dir are loaded and served (log says so)."""
     credentials = server_credentials(tls_cert, tls_key)
-    service = PredictionService(load_servables(export_dir), limits)
+    models = Models(load_servables(export_dir), limits)
     options = [("grpc.max_receive_message_length", limits.max_message_bytes),
                ("grpc.max_send_message_length", limits.max_message_bytes)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options,
                          maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
-    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(service, server)
+    prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(models), server)
     try:
         bound = (server.add_secure_port(f"{host}:{port}", credentials) if credentials
                  else server.add_insecure_port(f"{host}:{port}"))
@@ -239,8 +134,16 @@ def start_server(export_dir, host="127.0.0.1", port=8500, workers=4, limits=Limi
         bound = 0
     if not bound:
         raise RuntimeFailure(f"Cannot listen on {host}:{port} (in use, or not an address of this machine).")
+    rest_server = None
+    if rest_port is not None:
+        try:
+            rest_server = waitress.create_server(rest_app(models), host=host, port=rest_port, threads=workers,
+                                                 max_request_body_size=2 * limits.max_message_bytes)
+        except OSError as e:
+            raise RuntimeFailure(f"Cannot listen on {host}:{rest_port} for REST ({e.strerror}).") from None
+        threading.Thread(target=rest_server.run, daemon=True, name="capstf-rest").start()
     server.start()
-    watcher = VersionWatcher(Path(export_dir), service, poll_seconds, log) if poll_seconds else None
+    watcher = VersionWatcher(Path(export_dir), models, poll_seconds, log) if poll_seconds else None
     if watcher:
         watcher.start()
-    return Server(server, watcher), bound, sorted(service.servables.items())
+    return Server(server, rest_server, watcher), bound, sorted(models.servables.items())
