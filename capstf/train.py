@@ -188,8 +188,9 @@ def train(cfg, model_dir, quiet=None) -> dict:
     """Trains (or resumes) the experiment `cfg` in model_dir; returns the final metrics.
 
     A SIGTERM or Ctrl-C during the setup (data loading, restore) ends the run at once; in the
-    loop it stops the run after the step in progress and the next (which carries the request to
-    every worker), checkpointed. An evaluation it interrupts is cut short after its current batch.
+    loop it stops the run, checkpointed, at the end of the compiled call in progress (one
+    process) or of the next one, which carries the request to every worker (multi-worker). An
+    evaluation it interrupts is cut short after its current batch.
     """
     with StopSignals() as signals:
         return run_training(cfg, Path(model_dir), quiet, signals)
@@ -278,6 +279,10 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
                                  f"({getattr(e, 'message', None) or e}); the last good one, {last_good}, "
                                  "is intact: free space or fix the folder, then rerun to resume.") from None
 
+    def stop_asked_here():
+        """One process stops at once; workers only after the call that tells them all."""
+        return signals.received is not None and not multi_worker
+
     def save_unless_saved(step):
         if saved_step != step:
             save(step)
@@ -293,8 +298,7 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
                 steps = call_length(step, steps_per_call, total_steps, boundaries)
                 metrics = {k: float(v) for k, v in train_call(batches, steps, signals.received is not None).items()}
                 step = done = step + steps
-                # One process stops at once; workers stop after the call that told them all.
-                stopped = metrics.pop("stop_requests") > 0 or (signals.received is not None and not multi_worker)
+                stopped = metrics.pop("stop_requests") > 0 or stop_asked_here()
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + v
                 seen += steps * global_batch
@@ -328,7 +332,7 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
                     spent = time.perf_counter() - eval_start
                     eval_seconds += spent
                     t0 += spent  # examples/s counts training only
-                    stopped = stopped or (signals.received is not None and not multi_worker)
+                    stopped = stopped or stop_asked_here()
                 if stopped:
                     break
         except KeyboardInterrupt:  # a second Ctrl-C: keep every finished step where saving is ours alone
@@ -356,7 +360,7 @@ class StopSignals:
     Ctrl-C stop training. Before `noting` is set (the setup: nothing of this run is trained yet,
     so nothing is lost) they raise at once: Preempted, or KeyboardInterrupt. After it they only
     note that a stop was asked for (`received`: the signal's name): the loop passes the request
-    through the next step's all-reduce, so that every worker, whichever one was signalled, stops
+    through the next call's all-reduce, so that every worker, whichever one was signalled, stops
     after the same step and writes its checkpoint with the others (saving is collective). A
     second Ctrl-C interrupts at once."""
 

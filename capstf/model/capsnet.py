@@ -13,6 +13,8 @@ from capstf.layers import CapsuleLength, CapsuleMask, Conv, DigitCapsules, Prima
 from capstf.model.base import Model
 
 KERNEL = 9  # both convolutions, as in the paper
+
+
 def decoder_initializers(decoder_init: str) -> dict:
     """model.decoder_init -> one decoder Dense layer's initializer arguments, made afresh for each
     layer: a Keras initializer draws its seed when it is made, so one made once (at import) would

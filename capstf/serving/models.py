@@ -106,6 +106,7 @@ class VersionWatcher(threading.Thread):
             self.models.servables = {**self.models.servables, name: servable}
             self.log(f"serving {name} version {version} ({servable.warmup_requests} warm-up requests replayed)")
 
+
 class RequestError(Exception):
     """A request refused: its gRPC status code (REST maps it to an HTTP status) and why."""
 

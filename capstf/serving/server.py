@@ -55,9 +55,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             context.abort(e.code, str(e))
 
     def _predict(self, request):
-        spec = request.model_spec
-        servable = self.models.servable(spec.name, spec.version.value if spec.HasField("version") else None)
-        signature_name = spec.signature_name or "serving_default"
+        servable = self.models.servable(*name_and_version(request.model_spec))
+        signature_name = request.model_spec.signature_name or "serving_default"
         signature, input_name, input_spec = self.models.input_spec(servable, signature_name, request.inputs)
         proto = request.inputs[input_name]
         if proto.dtype != input_spec.dtype.as_datatype_enum:
@@ -80,8 +79,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
 
     def GetModelMetadata(self, request, context):
         try:
-            spec = request.model_spec
-            servable = self.models.servable(spec.name, spec.version.value if spec.HasField("version") else None)
+            servable = self.models.servable(*name_and_version(request.model_spec))
             if set(request.metadata_field) != {"signature_def"}:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "metadata_field must be ['signature_def']")
         except RequestError as e:
@@ -91,6 +89,11 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         response.model_spec.version.value = servable.version
         response.metadata["signature_def"].Pack(self.models.signature_def_map(servable))
         return response
+
+
+def name_and_version(model_spec):
+    """(model name, the version asked for or None) of a request's ModelSpec."""
+    return model_spec.name, model_spec.version.value if model_spec.HasField("version") else None
 
 
 def values_in(proto) -> int:
