@@ -1,9 +1,10 @@
 """Inference speed of an exported model, as JSON: batch-1 p50/p99 latency and batch-128
-throughput for the SavedModel, ONNX Runtime, and a gRPC round trip to `capstf serve`; and the
-first request's latency after `capstf serve` starts, with and without the export's warm-up
-requests (each in a fresh process, `--first-requests` times, median).
+throughput for the SavedModel, ONNX Runtime, and a gRPC round trip to `capstf serve`; `capstf
+serve` under `--clients` concurrent clients (requests, failures, p50/p99); and the first
+request's latency after `capstf serve` starts, with and without the export's warm-up requests
+(each in a fresh process, `--first-requests` times, median).
 
-    python benchmarks/inference.py --model-dir runs/mnist [--export-dir /tmp/capstf-bench]
+    python benchmarks/inference.py --model-dir runs/mnist [--export-dir /tmp/capstf-bench] [--clients 32]
 
 Exports the model first if --export-dir holds no export yet. Uses real test digits.
 """
@@ -47,6 +48,31 @@ def throughput(fn, batch, calls):
     return round(len(batch) * calls / (time.perf_counter() - start), 1)
 
 
+def concurrent_clients(fn, images, clients, requests_each):
+    """`clients` threads at once, each sending `requests_each` batch-1 requests through `fn`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(c):
+        times, failures = [], 0
+        for i in range(requests_each):
+            start = time.perf_counter()
+            try:
+                fn(images[(c + i) % len(images)][None])
+                times.append(time.perf_counter() - start)
+            except CapstfError:  # the client's one-line errors: refused, timed out, unreachable
+                failures += 1
+        return times, failures
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        answers = list(pool.map(client, range(clients)))
+    wall = time.perf_counter() - start
+    times = [t for ts, _ in answers for t in ts]
+    return {"clients": clients, "requests": clients * requests_each, "failures": sum(f for _, f in answers),
+            "p50_ms": round(1000 * float(np.percentile(times, 50)), 2),
+            "p99_ms": round(1000 * float(np.percentile(times, 99)), 2),
+            "requests_per_s": round(len(times) / wall, 1)}
+
+
 FIRST_REQUEST = """
 import shutil, sys, time, numpy as np
 from pathlib import Path
@@ -88,6 +114,8 @@ def main():
     parser.add_argument("--calls", type=int, default=100)
     parser.add_argument("--batch-calls", type=int, default=5)
     parser.add_argument("--first-requests", type=int, default=3, help="Fresh servers per first-request figure.")
+    parser.add_argument("--clients", type=int, default=32, help="Concurrent clients of capstf serve.")
+    parser.add_argument("--requests-per-client", type=int, default=20)
     args = parser.parse_args()
     out = Path(args.export_dir)
     if not (out / "capsnet.onnx").is_file():
@@ -110,6 +138,8 @@ def main():
         for name, fn in [("savedmodel", savedmodel), ("onnxruntime", onnx), ("grpc_capstf_serve", grpc_call)]:
             results[name] = {"batch1": latency(fn, images, args.calls),
                              "batch128_images_per_s": throughput(fn, images, args.batch_calls)}
+        results["grpc_capstf_serve_concurrent"] = concurrent_clients(grpc_call, images, args.clients,
+                                                                     args.requests_per_client)
     finally:
         server.stop(0)
     results["first_request_ms"] = {kind: first_request_ms(out, images[:1], kind == "warmed_up", args.first_requests)

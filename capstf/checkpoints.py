@@ -5,13 +5,12 @@ Used by train, evaluate, export, visualize and study alike, so none of them reac
 import fcntl
 import os
 import re
-import sys
 from pathlib import Path
 
 import tensorflow as tf
 
 from capstf import config as config_lib
-from capstf.errors import CapstfError, RuntimeFailure, first_line
+from capstf.errors import CapstfError, RuntimeFailure, first_line, warn
 from capstf.model import build_model
 
 
@@ -35,10 +34,6 @@ def training_progress(checkpoint):
     read = lambda key: tf.train.load_variable(checkpoint, f"{key}/.ATTRIBUTES/VARIABLE_VALUE") \
         if f"{key}/.ATTRIBUTES/VARIABLE_VALUE" in names else 0
     return int(read("examples_seen")), float(read("train_seconds"))
-
-
-def warn(message):
-    print(f"capstf: warning: {message}", file=sys.stderr, flush=True)
 
 
 def restore_newest_readable(checkpoint, paths, model_dir):

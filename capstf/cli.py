@@ -20,7 +20,7 @@ TRAIN_FLAGS = {  # flag -> the setting it overrides
     "learning_rate": "train.learning_rate", "routing_iters": "model.routing_iters", "seed": "train.seed",
     "jit": "train.jit", "precision": "train.precision", "distribute": "train.distribute",
     "checkpoint_every": "train.checkpoint_every", "eval_examples": "train.eval_examples",
-    "steps_per_call": "train.steps_per_call",
+    "steps_per_call": "train.steps_per_call", "data_service": "train.data_service",
     "data_dir": "data.data_dir"}
 
 
@@ -116,6 +116,8 @@ def main(verbose):
               "default, 1 on a CPU): fewer host dispatches on a GPU. Checkpoints, logs and evaluations "
               "still come at their steps; SIGTERM takes effect at the end of a call.")
 @click.option("--eval-examples", type=int, help="Test examples scored after each epoch (0: none).")
+@click.option("--data-service", metavar="grpc://HOST:PORT",
+              help="Generate the examples on tf.data service workers (`capstf data-service`), each once.")
 @click.option("--no-decoder", is_flag=True, help="Train without the reconstruction decoder.")
 @click.option("--runlocal", is_flag=True, help="Apply the recipe's [runlocal] settings: a quick small run.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Any setting, e.g. --set train.decay_rate=0.9.")
@@ -341,6 +343,45 @@ def predict(server, model_name, signature, rest, metadata, timeout, tls_ca, file
     for i, name in enumerate(names):
         click.echo(json.dumps({"image": name, "classes": outputs["classes"][i].tolist(),
                                "probabilities": [round(float(p), 4) for p in outputs["probabilities"][i]]}))
+
+
+@main.group("data-service")
+def data_service():
+    """Generate training examples on other machines (tf.data service) for `capstf train --data-service`.
+
+    \b
+    Example: capstf data-service dispatcher --port 5050 &
+             capstf data-service worker --dispatcher localhost:5050 --port 5051 &
+             capstf train --dataset multimnist --data-service grpc://localhost:5050
+    """
+
+
+@data_service.command("dispatcher")
+@click.option("--port", type=click.IntRange(1, 65535), default=5050, show_default=True)
+@clear_errors
+def data_service_dispatcher(port):
+    """Start the dispatcher, which hands each trainer's examples out to the workers."""
+    from capstf.data.service import start_dispatcher
+    server = start_dispatcher(port)
+    click.echo(f"tf.data service dispatcher on port {port}: capstf train --data-service grpc://HOST:{port}")
+    sys.stdout.flush()
+    server.join()
+
+
+@data_service.command("worker")
+@click.option("--dispatcher", required=True, metavar="HOST:PORT", help="The dispatcher's address.")
+@click.option("--port", type=click.IntRange(1, 65535), default=5051, show_default=True)
+@click.option("--address", metavar="HOST:PORT", default=None,
+              help="Where trainers reach this worker (default: this machine's host name and --port).")
+@clear_errors
+def data_service_worker(dispatcher, port, address):
+    """Start a worker, which generates the examples the dispatcher gives it."""
+    import socket
+    from capstf.data.service import start_worker
+    server = start_worker(dispatcher, port, address or f"{socket.gethostname()}:{port}")
+    click.echo(f"tf.data service worker on port {port}, serving dispatcher {dispatcher}")
+    sys.stdout.flush()
+    server.join()
 
 
 @main.group()

@@ -5,6 +5,7 @@ table (the paper's reported result, for reference) and a [runlocal] table of dot
 overrides that shrink the same experiment for a quick local run.
 """
 import dataclasses
+import re
 import tomllib
 from importlib import resources
 from pathlib import Path
@@ -123,6 +124,7 @@ class TrainConfig:
     log_every: int = 50              # steps between TensorBoard scalars
     eval_examples: int = 0           # test examples scored after each epoch (0: none)
     steps_per_call: int = 0          # training steps per compiled call; 0: auto (measured per device)
+    data_service: str = ""           # grpc://HOST:PORT: generate on tf.data service workers; "": here
 
 
 @dataclasses.dataclass
@@ -287,6 +289,8 @@ def validate(cfg: Config):
                           f"{model.kind} has its own layers.")
     if model.kind == "capsnet" and model.decoder_init != ModelConfig.decoder_init and not model.decoder:
         raise CapstfError("model.decoder_init needs a decoder; model.decoder is false.")
+    if train.data_service and not re.fullmatch(r"grpc://[^\s/:]+:\d+", train.data_service):
+        raise CapstfError(f"train.data_service={train.data_service!r}: give the dispatcher as grpc://HOST:PORT.")
     if not 0 < train.learning_rate < 1:
         raise CapstfError(f"train.learning_rate must be in (0, 1), got {train.learning_rate}.")
     if not 0 < train.decay_rate <= 1:  # 0 stops training after one step; above 1 the rate grows

@@ -1,4 +1,6 @@
-"""The exceptions the CLI turns into one clear line on stderr and an exit code, and the reason they quote."""
+"""The exceptions the CLI turns into one clear line on stderr and an exit code, the reason they
+quote, and the one-line warnings of work that goes on."""
+import sys
 
 
 class CapstfError(Exception):
@@ -21,3 +23,8 @@ def first_line(error) -> str:
     if it has none: the reason to quote in a one-line error."""
     message = (getattr(error, "message", None) or str(error)).strip()
     return message.splitlines()[0][:500] if message else type(error).__name__
+
+
+def warn(message):
+    """A problem worked around (a damaged checkpoint skipped, metrics not saved): one line on stderr."""
+    print(f"capstf: warning: {message}", file=sys.stderr, flush=True)

@@ -4,10 +4,10 @@ from pathlib import Path
 import tensorflow as tf
 
 from capstf import config as config_lib
-from capstf.checkpoints import restore_for_inference, warn
+from capstf.checkpoints import restore_for_inference
 from capstf.data.datasets import input_canvas, make_dataset, num_examples
 from capstf.data.sources import load_examples
-from capstf.errors import CapstfError, RuntimeFailure
+from capstf.errors import CapstfError, RuntimeFailure, warn
 from capstf.files import write_json
 from capstf.metrics import exact_match
 

@@ -23,6 +23,7 @@ from capstf.checkpoints import (checkpoint_dir, list_checkpoints, prepare_model_
                                 set_aside_damaged)
 from capstf.data.datasets import fit_model_to_data, make_dataset
 from capstf.data.sources import load_examples, load_training_split
+from capstf.data.service import check_reachable, generated_by_service
 from capstf.errors import CapstfError, Preempted, RuntimeFailure
 from capstf.evaluate import score
 from capstf.metrics import exact_match
@@ -191,6 +192,9 @@ def train(cfg, model_dir, quiet=None) -> dict:
     loop it stops the run, checkpointed, at the end of the compiled call in progress (one
     process) or of the next one, which carries the request to every worker (multi-worker). An
     evaluation it interrupts is cut short after its current batch.
+
+    quiet: no progress bar; instead a line every log_every steps (step, epoch, loss, accuracy,
+    examples/s, time left). Default: quiet without a terminal (logs of a batch job or a pod).
     """
     with StopSignals() as signals:
         return run_training(cfg, Path(model_dir), quiet, signals)
@@ -213,6 +217,8 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
     if cfg.train.eval_examples and chief:
         eval_data = validation_examples if validation_examples is not None else \
             load_examples(cfg.data.data_dir, "test", cfg.data.dataset)
+    if cfg.train.data_service:
+        check_reachable(cfg.train.data_service)
     changed, lock = prepare_model_dir(cfg, model_dir, chief)
     log = (lambda msg: None) if not chief else (lambda msg: tqdm.write(msg, file=sys.stdout))
     device_kind = "GPU" if tf.config.list_logical_devices("GPU") else "CPU"
@@ -246,9 +252,10 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
             + (f"; settings changed since: {config_lib.describe_changes(changed)}" if changed else ""))
 
     def dataset_fn(ctx: tf.distribute.InputContext):
-        return make_dataset(cfg.data, train_examples, "train", ctx.get_per_replica_batch_size(global_batch),
-                            cfg.train.seed, start_example=start_example,
-                            pipeline_id=ctx.input_pipeline_id, num_pipelines=ctx.num_input_pipelines)
+        examples = make_dataset(cfg.data, train_examples, "train", ctx.get_per_replica_batch_size(global_batch),
+                                cfg.train.seed, start_example=start_example,
+                                pipeline_id=ctx.input_pipeline_id, num_pipelines=ctx.num_input_pipelines)
+        return generated_by_service(examples, cfg.train.data_service) if cfg.train.data_service else examples
     # Each replica's next two batches wait on its device, so no step waits for a host-to-device copy.
     batches = iter(strategy.distribute_datasets_from_function(dataset_fn, tf.distribute.InputOptions(
         experimental_fetch_to_device=True, experimental_per_replica_buffer_size=2)))
@@ -311,6 +318,11 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
                     for k, v in {**means, "learning_rate": lr, "examples_per_second": rate}.items():
                         tf.summary.scalar(k, v, step=step)
                     bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.3f}", ex_s=f"{rate:.0f}")
+                    if quiet:  # no terminal (a batch job, Kubernetes' logs, > train.log): a line, not a bar
+                        left = round((total_steps - step) * global_batch / rate)
+                        log(f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}): loss {means['loss']:.4f}, "
+                            f"accuracy {means['accuracy']:.3f}, {rate:.0f} examples/s, "
+                            f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
                     result = {"step": step, **means, "examples_per_second": rate}
                     sums, t0, seen = {}, time.perf_counter(), 0
                 if chief and (step % cfg.train.checkpoint_every == 0 or step == total_steps):

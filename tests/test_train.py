@@ -17,6 +17,7 @@ from capstf.cli import main
 from capstf.errors import CapstfError, Preempted
 from capstf.evaluate import evaluate
 from capstf.checkpoints import list_checkpoints, restore_for_inference
+from capstf.data.datasets import make_dataset
 from capstf.train import GPU_STEPS_PER_CALL, FusedAdam, build_state, device_defaults, train
 
 
@@ -115,11 +116,16 @@ def test_a_resume_that_would_change_the_training_examples_is_refused(tmp_path, s
     assert setting in config_lib.check_compatible(first, changed, tmp_path / "run", resuming=False)
 
 
-def test_multimnist_trains_and_scores_both_digits(tmp_path):
-    result = train(small_config("multimnist", steps=3), tmp_path, quiet=True)
+def test_multimnist_trains_and_scores_both_digits(tmp_path, test_digits):
+    result = train(small_config("multimnist", steps=40, learning_rate=3e-3), tmp_path, quiet=True)
     assert np.isfinite(result["loss"]) and result["reconstruction_loss"] > 0
-    metrics = evaluate(tmp_path, limit=64)
-    assert metrics["both_correct_accuracy"] == metrics["accuracy"] and metrics["examples"] == 64
+    metrics = evaluate(tmp_path, limit=200)
+    # Counted here from the checkpoint's files: a pair is right when its two longest capsules are its two digits.
+    pairs = next(iter(make_dataset(config_lib.load_saved(tmp_path).data, test_digits, "test", 200, seed=0)))
+    probabilities = model_from_checkpoint_files(tmp_path)(pairs["image"])["probabilities"].numpy()
+    both = [set(top) == set(label) for top, label in zip(np.argsort(probabilities)[:, -2:], pairs["label"].numpy())]
+    assert 0 < np.mean(both) and metrics["both_correct_accuracy"] == pytest.approx(np.mean(both))
+    assert metrics["examples"] == 200
 
 
 @pytest.mark.parametrize("args, message", [
@@ -143,6 +149,7 @@ def test_multimnist_trains_and_scores_both_digits(tmp_path):
     (["train", "--dataset", "mnist", "--set", "model.decoder=false", "--set", "model.decoder_init=truncated-normal-0.1"],
      "model.decoder_init needs a decoder"),
     (["train", "--dataset", "mnist", "--set", "model.decoder_init=zeros"], "choose one of glorot-uniform, truncated-normal-0.1"),
+    (["train", "--dataset", "mnist", "--data-service", "localhost:5050"], "give the dispatcher as grpc://HOST:PORT"),
     (["train", "--dataset", "expanded-mnist", "--set", "model.kind=cnn-two-pools", "--set", "model.baseline_pool=true"],
      "model.baseline_pool and model.baseline_hidden shape model.kind = baseline"),
     (["evaluate", "--model-dir", "/no/such/model"], "no trained model"),
@@ -614,3 +621,12 @@ def test_sigterm_to_one_worker_stops_every_worker_after_the_same_step_and_the_ru
     assert step_a == step_b == 80
     for x, y in zip(a, b):
         np.testing.assert_allclose(x, y, atol=1e-6)
+
+
+def test_without_a_terminal_training_prints_a_line_every_log_every_steps(tmp_path, capsys):
+    train(small_config(steps=10, log_every=5), tmp_path, quiet=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert [line.split(" (")[0] for line in lines] == ["step 5/10", "step 10/10"]
+    assert re.fullmatch(r"step 5/10 \(epoch 0\.03\): loss \d\.\d{4}, accuracy \d\.\d{3}, \d+ examples/s, "
+                        r"0:\d\d:\d\d left", lines[0])
+    assert lines[1].endswith(", 0:00:00 left")

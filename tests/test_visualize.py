@@ -1,11 +1,14 @@
 import numpy as np
 import pytest
+import tensorflow as tf
 from click.testing import CliRunner
-from conftest import small_config
+from conftest import model_from_checkpoint_files, small_config
 from PIL import Image
 
-from capstf import visualize
+from capstf import config as config_lib, visualize
 from capstf.cli import main
+from capstf.data.datasets import make_dataset
+from capstf.data.sources import load_examples
 from capstf.train import train
 
 TILE = 28 * visualize.SCALE
@@ -31,13 +34,41 @@ def test_perturbation_grid_has_16_rows_of_11_changing_images(trained_mnist, tmp_
     assert np.allclose(np.round(visualize.PERTURBATIONS, 2), np.round(np.linspace(-0.25, 0.25, 11), 2))
 
 
-def test_multimnist_overlay_figure(tmp_path):
+def test_overlay_draws_the_input_grey_and_the_two_reconstructions_red_and_green_framing_wrong_pairs():
+    size, scale = 36, visualize.SCALE
+    images = np.zeros([2, size, size, 1], np.float32)
+    images[:, 10:20, 10:20] = 1.0                            # the input's ink
+    recon = np.zeros([2, 2, size, size, 1], np.float32)
+    recon[:, 0, 0:8, 0:8] = 1.0                              # first digit: top left
+    recon[:, 1, 28:36, 28:36] = 0.5                          # second digit: bottom right, half bright
+    labels, predictions = np.array([[3, 7], [3, 7]]), np.array([[7, 3], [3, 1]])  # right (any order), wrong
+    sheet = np.asarray(visualize.overlay_sheet(images, recon, labels, predictions))
+    tile = lambda i, y, x: tuple(sheet[2 + y * scale + 1, 2 + i * (size * scale + 2) + x * scale + 1])
+    for i in (0, 1):
+        assert tile(i, 15, 15) == (89, 89, 89)               # the input at 0.35 grey
+        assert tile(i, 4, 4) == (255, 0, 0)                  # the first reconstruction in red
+        assert tile(i, 32, 32) == (0, 128, 0)                # the second in green, at its brightness
+        assert tile(i, 24, 4) == (0, 0, 0)                   # nothing
+    frame = lambda i: tuple(sheet[2, 2 + i * (size * scale + 2) + 60])  # the tile's top edge
+    assert frame(0) == (0, 0, 0) and frame(1) == (255, 80, 80)  # only the wrong pair is framed in red
+
+
+def test_multimnist_figure_overlays_the_models_reconstructions_of_test_pairs(tmp_path):
     model_dir = tmp_path / "mm"
-    train(small_config("multimnist", steps=2, checkpoint_every=2), model_dir, quiet=True)
+    cfg = small_config("multimnist", steps=2, checkpoint_every=2)
+    train(cfg, model_dir, quiet=True)
     info = visualize.multimnist(model_dir, tmp_path / "fig5.png", count=8)
-    image = Image.open(tmp_path / "fig5.png")
-    assert image.mode == "RGB" and image.size == (8 * (36 * visualize.SCALE + 2) + 2, 36 * visualize.SCALE + visualize.CAPTION + 4)
-    assert info["width"] == image.width
+    # The same figure from the checkpoint's own files and the first 8 test pairs.
+    pairs = next(iter(make_dataset(config_lib.load_saved(model_dir).data, load_examples("sample", "test", "multimnist"),
+                                   "test", 100, seed=0)))
+    out = model_from_checkpoint_files(model_dir)(pairs["image"])
+    predictions = tf.math.top_k(out["probabilities"], 2).indices.numpy()[:8]
+    expected = visualize.overlay_sheet(pairs["image"].numpy()[:8], out["reconstructions"].numpy()[:8],
+                                       pairs["label"].numpy()[:8], predictions)
+    drawn = Image.open(tmp_path / "fig5.png")
+    # Within one level: the figure's model compiles its routing, this one does not (float rounding).
+    assert np.abs(np.asarray(drawn, np.int16) - np.asarray(expected, np.int16)).max() <= 1
+    assert (info["width"], info["height"]) == (8 * (36 * visualize.SCALE + 2) + 2, 36 * visualize.SCALE + visualize.CAPTION + 4)
 
 
 @pytest.mark.parametrize("args, message", [
