@@ -197,14 +197,9 @@ def study(name, runs_dir, data_dir, runlocal, only, settings, trials, jobs, tria
     if not all(t.isdigit() for t in numbers):
         raise CapstfError(f"--trial {trial_numbers}: expected trial numbers from 1, e.g. --trial 2,3.")
 
-    def worker_command(run_name, trial_number):  # this command, for one trial of one run
-        return [sys.executable, "-m", "capstf.cli", "study", name, "--runs-dir", runs_dir, "--only", run_name,
-                "--trial", str(trial_number), *(["--data-dir", data_dir] if data_dir else []),
-                *(["--runlocal"] if runlocal else []), *[arg for s in settings for arg in ("--set", s)]]
     results = run_study(name, runs_dir, data_dir, runlocal, runs, parse_settings(settings),
                         log=lambda msg: click.echo(msg, err=True), trials=trials,
-                        trial_numbers=[int(t) for t in numbers], jobs=jobs,
-                        worker_command=worker_command)
+                        trial_numbers=[int(t) for t in numbers], jobs=jobs)
     click.echo(results_markdown(results))
 
 

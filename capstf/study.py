@@ -37,11 +37,13 @@ set; the runs are then compared at the checkpoints whose accuracy on that test s
 the highest level all runs reach (those scored so far), so no run wins by being trained longer.
 """
 import dataclasses
+import json
 import statistics
+import sys
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from capstf import config as config_lib
 from capstf.checkpoints import checkpoint_dir, list_checkpoints, training_progress
@@ -216,13 +218,13 @@ def scored_trials(out_dir: Path, run_name: str):
 
 def run_study(name, runs_dir="runs", data_dir=None, runlocal=False, only: Sequence[str] = (),
               overrides: Optional[Mapping] = None, log=print, trials: int = 1, trial_numbers: Sequence[int] = (),
-              jobs: int = 1, worker_command: Optional[Callable[[str, int], List[str]]] = None) -> dict:
+              jobs: int = 1) -> dict:
     """Trains and scores the study's runs (or those in `only`), each `trials` times from
     successive seeds (or only the trials numbered in `trial_numbers`, from 1); writes results.md and .json.
 
-    jobs > 1: up to `jobs` trials train at once, each in a process of its own running
-    worker_command(run name, trial) (a command that trains and scores that one trial), with its
-    output in <runs dir>/<study>/logs/; trials that fail are named once the others are reported.
+    jobs > 1: up to `jobs` trials train at once, each in a process of its own (this module's
+    `trial_process`), with its output in <runs dir>/<study>/logs/; trials that fail are named
+    once the others are reported.
     """
     study = load_study(name)
     unknown = [r for r in only if r not in study.runs]
@@ -253,8 +255,12 @@ def run_study(name, runs_dir="runs", data_dir=None, runlocal=False, only: Sequen
                     {**(overrides or {}), "train.seed": cfg.train.seed + number - 1})
     failed = {}
     if jobs > 1 and pending:
-        failed = run_in_processes([(trial_dir(out_dir, run_name, number).name, worker_command(run_name, number))
-                                   for run_name, number in pending], jobs, out_dir / "logs", log)
+        one_trial = dict(name=name, runs_dir=str(runs_dir), data_dir=data_dir, runlocal=runlocal,
+                         overrides=dict(overrides or {}))
+        failed = run_in_processes(
+            [(trial_dir(out_dir, run_name, number).name,
+              [sys.executable, "-m", "capstf.study", json.dumps({**one_trial, "only": [run_name], "trial_numbers": [number]})])
+             for run_name, number in pending], jobs, out_dir / "logs", log)
     else:
         for (run_name, number), cfg in pending.items():
             train_and_score(study, study.runs[run_name], number, cfg, trial_dir(out_dir, run_name, number),
@@ -393,3 +399,20 @@ def _each_trial(trials, key, fmt) -> str:
 def _duration(seconds: float) -> str:
     minutes = round(seconds / 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{seconds:.0f} s"
+
+
+def trial_process(argv):
+    """One trial of a study run with jobs > 1, in a process of its own:
+    python -m capstf.study '{"name": ..., "only": [RUN], "trial_numbers": [K], ...}' (run_study's
+    arguments as JSON). Exits as `capstf study` would: a one-line error and its code."""
+    try:
+        run_study(**json.loads(argv[1]), log=lambda message: print(message, file=sys.stderr, flush=True))
+    except CapstfError as e:
+        print(f"capstf: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    trial_process(sys.argv)

@@ -131,17 +131,21 @@ class Models:
                                f"serving version {servable.version}")
         return servable
 
-    def input_spec(self, servable: Servable, signature_name: str, input_names):
-        """(signature, its input's name and TensorSpec), if the request names that one input."""
+    @staticmethod
+    def input_spec(servable: Servable, signature_name: str):
+        """(the signature, its one input's name, that input's TensorSpec)."""
         signature = servable.signatures.get(signature_name)
         if signature is None:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"signature {signature_name!r} not found; "
                                f"available: {sorted(servable.signatures)}")
         (input_name, spec), = signature.structured_input_signature[1].items()
-        if set(input_names) != {input_name}:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"signature {signature_name!r} takes exactly "
-                               f"one input {input_name!r}, got {sorted(input_names)}")
         return signature, input_name, spec
+
+    @staticmethod
+    def check_input_names(signature_name, input_name, given_names):
+        if set(given_names) != {input_name}:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"signature {signature_name!r} takes exactly "
+                               f"one input {input_name!r}, got {sorted(given_names)}")
 
     def check_shape(self, input_name, spec, shape):
         if len(shape) != len(spec.shape) or any(s is not None and s != d for s, d in zip(spec.shape, shape)):

@@ -75,17 +75,16 @@ def predict(models: Models, servable, body: dict) -> dict:
     rows = "instances" in body
     if rows == ("inputs" in body):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "give exactly one of 'instances' and 'inputs'")
-    signature = servable.signatures.get(signature_name)
-    expected = next(iter(signature.structured_input_signature[1])) if signature else None  # its one input
+    signature, input_name, spec = models.input_spec(servable, signature_name)
     given = body["instances"] if rows else body["inputs"]
     # One named input: TF Serving takes its values bare, or under its name.
     if rows and isinstance(given, list) and given and all(isinstance(row, dict) for row in given):
-        names, given = set().union(*given), [row.get(expected) for row in given]
+        names, given = set().union(*given), [row.get(input_name) for row in given]
     elif not rows and isinstance(given, dict):
-        names, given = set(given), given.get(expected)
+        names, given = set(given), given.get(input_name)
     else:
-        names = {expected}
-    signature, input_name, spec = models.input_spec(servable, signature_name, names)
+        names = {input_name}
+    models.check_input_names(signature_name, input_name, names)
     array = to_array(given, spec.dtype.as_numpy_dtype, input_name)
     models.check_shape(input_name, spec, array.shape)
     outputs = models.run(signature, input_name, array)

@@ -57,7 +57,8 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def _predict(self, request):
         servable = self.models.servable(*name_and_version(request.model_spec))
         signature_name = request.model_spec.signature_name or "serving_default"
-        signature, input_name, input_spec = self.models.input_spec(servable, signature_name, request.inputs)
+        signature, input_name, input_spec = self.models.input_spec(servable, signature_name)
+        self.models.check_input_names(signature_name, input_name, request.inputs)
         proto = request.inputs[input_name]
         if proto.dtype != input_spec.dtype.as_datatype_enum:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"input {input_name!r} must be "
