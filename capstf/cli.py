@@ -7,7 +7,7 @@ import sys
 import click
 
 from capstf.config import CHOICES, DATASETS, TFDS_PREFIX, TRAINABLE, check_dataset_name, is_tfds_name
-from capstf.errors import CapstfError
+from capstf.errors import CapstfError, RuntimeFailure
 from capstf.serving.limits import Limits
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's own log lines once its logging is set up
@@ -201,6 +201,25 @@ def study(name, runs_dir, data_dir, runlocal, only, settings, trials, jobs, tria
                         log=lambda msg: click.echo(msg, err=True), trials=trials,
                         trial_numbers=[int(t) for t in numbers], jobs=jobs)
     click.echo(results_markdown(results))
+
+
+@main.command()
+@click.option("--root", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="The capstf checkout whose README.md and docs/ to regenerate.")
+@click.option("--check", is_flag=True, help="Write nothing; exit 1 if a generated part or plot is out of date.")
+@clear_errors
+def report(root, check):
+    """Regenerate the result tables and curve plots of README.md and docs/ from the run records in
+    results/ (each part marked '<!-- report runs NAME: GLOB -->'); prints the files it changed.
+
+    \b
+    Example: capstf report --check
+    """
+    from capstf.report import write_report
+    changed = write_report(root, check)
+    click.echo(json.dumps({"out_of_date" if check else "changed": changed}))
+    if check and changed:
+        raise RuntimeFailure(f"{len(changed)} generated file(s) out of date ({', '.join(changed)}): run capstf report.")
 
 
 @main.command()

@@ -231,8 +231,10 @@ class PrimaryCapsules(keras.layers.Layer):
     def build(self, input_shape):
         self.conv.build(input_shape)
         if self.one_input_routing:
-            self.bias = self.add_weight(name="bias", shape=(self.types, self.dim),
-                                        initializer=keras.initializers.Constant(0.1), dtype="float32")
+            # autocast=False: under a mixed policy Keras would read it in the convolution's
+            # bfloat16 or float16, but it is added to the float32 capsules.
+            self.bias = self.add_weight(name="bias", shape=(self.types, self.dim), dtype="float32", autocast=False,
+                                        initializer=keras.initializers.Constant(0.1))
 
     def call(self, features):
         x = tf.cast(self.conv(features), tf.float32)  # [batch, grid_h, grid_w, types * dim]

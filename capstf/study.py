@@ -24,7 +24,8 @@ checkpoint on test; this shows how much such a choice flatters a figure).
 
 Run NAME trains in <runs dir>/<study>/NAME/ (a rerun resumes it; a scored run is skipped), is
 scored on its test sets, and <runs dir>/<study>/results.md and results.json put every figure
-beside the paper's, with the examples seen and the training time behind it.
+beside the paper's, with the examples seen and the training time behind it; curves.png draws
+each run's figure at every checkpoint scored against the examples seen, the paper's as levels.
 
 The paper averages Table 1 over 3 trials; `trials=3` trains each run twice more, from seeds 1
 and 2 above its own, in NAME-trial2/ and NAME-trial3/, and reports each figure as the mean and
@@ -49,8 +50,9 @@ from capstf import config as config_lib
 from capstf.checkpoints import checkpoint_dir, list_checkpoints, training_progress
 from capstf.errors import CapstfError, RuntimeFailure
 from capstf.evaluate import measure
-from capstf.files import read_json, write_json, write_text
+from capstf.files import read_json, write_atomically, write_json, write_text
 from capstf.parallel import run_in_processes
+from capstf.records import curves_png, duration
 from capstf.train import train
 
 METRICS = ("error", "accuracy")
@@ -268,6 +270,8 @@ def run_study(name, runs_dir="runs", data_dir=None, runlocal=False, only: Sequen
     results = collect_results(study, out_dir, test)
     write_json(out_dir / "results.json", results)
     write_text(out_dir / "results.md", results_markdown(results))
+    curves = curves_png(*study_curves(results))
+    write_atomically(out_dir / "curves.png", lambda scratch: scratch.write_bytes(curves))
     if failed:
         raise RuntimeFailure(f"{len(failed)} of {len(pending)} trainings failed, the others are in "
                              f"{out_dir / 'results.md'}: " + "; ".join(f"{name} ({why})" for name, why in failed.items())
@@ -330,7 +334,9 @@ def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:
                 cell["trials"].append({"trial": trial, "seed": seeds[run.name, trial],
                                        "measured_percent": percent(scores[test_set]),
                                        "step": steps[trial][run.name], "examples_seen": examples,
-                                       "train_seconds": round(seconds, 1)})
+                                       "train_seconds": round(seconds, 1),
+                                       "curve": _curve(records[trial][run.name], test_set, percent,
+                                                       steps[trial][run.name], examples)})
                 if test_scores:
                     final = test_scores[str(steps[trial][run.name])]
                     best_step = max(test_scores, key=lambda step: (test_scores[step][test_set], -int(step)))
@@ -347,6 +353,14 @@ def collect_results(study: Study, out_dir: Path, test: Mapping) -> dict:
             "matched_levels": [{"trial": trial, "percent": None if level is None else round(100 * level, 3)}
                                for trial, level in levels.items()] if study.match_checkpoints_on else None,
             "cells": cells}
+
+
+def _curve(scores_by_step: Mapping[int, dict], test_set: str, percent, reported_step: int, reported_examples: int):
+    """[[examples seen, figure]] at every checkpoint scored; in records from before capstf kept
+    the examples seen with the scores, the reported checkpoint's alone (read from it)."""
+    points = {step: s["examples_seen"] for step, s in scores_by_step.items() if "examples_seen" in s}
+    points[reported_step] = reported_examples
+    return [[points[step], percent(scores_by_step[step][test_set])] for step in sorted(points)]
 
 
 def results_markdown(results: Mapping) -> str:
@@ -382,7 +396,7 @@ def results_markdown(results: Mapping) -> str:
                                 for key in ("test_final_percent", "test_best_percent")) if on_test else ""
         lines.append(f"| {c['row']} | {c['test_set']} | {measured} | {paper}{on_test_cells} | {c['parameters']:,} | "
                      f"{_each_trial(trials, 'step', str)} | {_each_trial(trials, 'examples_seen', '{:,}'.format)} | "
-                     f"{_each_trial(trials, 'train_seconds', _duration)} | {c['run']} |")
+                     f"{_each_trial(trials, 'train_seconds', duration)} | {c['run']} |")
     trained_with = {c["run"]: c["overrides"] for c in results["cells"] if c.get("overrides")}
     if trained_with:  # a figure from a shortened run must say so
         lines += [""] + [f"Run {run} was trained with `{' '.join(f'--set {k}={v}' for k, v in settings.items())}`."
@@ -390,15 +404,24 @@ def results_markdown(results: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
+def study_curves(results: Mapping):
+    """What curves.png shows: each run's figure on each test set against the examples seen, at
+    every checkpoint scored (one trial: one line), and the paper's figures as levels."""
+    curves, levels = {}, {}
+    for c in results["cells"]:
+        label = f"{c['row']}, {c['test_set']}"
+        for t in c["trials"]:
+            xs, ys = zip(*t["curve"]) if t["curve"] else ((), ())
+            curves[label if len(c["trials"]) == 1 else f"{label}, trial {t['trial']}"] = (xs, ys)
+        if c["paper_percent"] is not None:
+            levels[f"paper: {label} {c['paper_percent']}%"] = c["paper_percent"]
+    return curves, "examples seen", f"{results['metric']} (%)", levels
+
+
 def _each_trial(trials, key, fmt) -> str:
     """Each trial's `key`, formatted, separated by " / "; one value where they agree (steps, examples)."""
     values = [fmt(t.get(key)) for t in trials]
     return values[0] if len(set(values)) == 1 else " / ".join(values)
-
-
-def _duration(seconds: float) -> str:
-    minutes = round(seconds / 60)
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{seconds:.0f} s"
 
 
 def trial_process(argv):

@@ -232,6 +232,15 @@ def test_one_input_routing_primary_capsules_are_the_convolution_over_the_types_p
     expected = squash_np(conv.reshape(2, 25, 4, 3) / 4 + layer.bias.numpy()).reshape(2, 100, 3)
     np.testing.assert_allclose(layer(tf.constant(features)).numpy(), expected, rtol=1e-4, atol=1e-6)
 
+    # Under bfloat16 convolutions (the default on CPUs with AVX512-BF16) the bias stays float32,
+    # added to the float32 capsules: the same capsules, to bfloat16's rounding of the convolution.
+    mixed = PrimaryCapsules(types=4, dim=3, kernel_size=3, strides=2, one_input_routing=True, dtype="mixed_bfloat16")
+    mixed.build(features.shape)
+    mixed.set_weights(layer.get_weights())
+    capsules = mixed(tf.constant(features))
+    assert capsules.dtype == tf.float32
+    np.testing.assert_allclose(capsules.numpy(), expected, atol=0.02)
+
 
 def test_capsule_biases_add_160_parameters_and_the_authors_decoder_starts_where_theirs_does():
     model = build_model(ModelConfig(input_size=28, capsule_biases=True, decoder_init="truncated-normal-0.1"))

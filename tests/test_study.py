@@ -16,7 +16,7 @@ from capstf.checkpoints import list_checkpoints
 from capstf.cli import main
 from capstf.config import load_saved
 from capstf.errors import CapstfError
-from capstf.study import collect_results, load_study, matched_steps, run_config, run_study
+from capstf.study import collect_results, load_study, matched_steps, run_config, run_study, study_curves
 from capstf.study import test_settings as how_runs_are_scored  # not test_*: pytest would collect it
 
 
@@ -77,6 +77,8 @@ def test_the_authors_study_chooses_on_held_out_digits_and_reports_the_test_digit
     best = min(by_step, key=lambda step: (by_step[step], step))
     assert (trial["test_best_step"], trial["test_best_percent"]) == (best, pytest.approx(by_step[best], abs=1e-6))
     assert trial["step"] == 4  # the reported figure stays the final checkpoint's, on held-out digits
+    # curves.png's line: the held-out figure of each checkpoint scored on them (the last: 4 steps of 8)
+    assert trial["curve"] == [[32, trial["measured_percent"]]]
     markdown = (tmp_path / "authors" / "results.md").read_text()
     assert "| test, final (%) | test, best checkpoint (%) |" in markdown and "never to choose" in markdown
 
@@ -100,6 +102,11 @@ def test_table1_trains_scores_and_reports_each_run_beside_the_paper(tmp_path, te
     markdown = (tmp_path / "table1" / "results.md").read_text()
     assert "| CapsNet, routing 1, no reconstruction | mnist | " in markdown and "not run yet" in markdown
     assert json.loads((tmp_path / "table1" / "results.json").read_text()) == results
+    curves, xlabel, ylabel, levels = study_curves(results)
+    assert curves["CapsNet, routing 1, no reconstruction, mnist"] == ((32,), (mnist["measured_percent"],))
+    assert levels["paper: CapsNet, routing 1, no reconstruction, mnist 0.34%"] == 0.34 and ylabel == "error (%)"
+    assert "CapsNet, routing 3, reconstruction, mnist" not in curves  # not run: no line
+    assert (tmp_path / "table1" / "curves.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def test_a_rerun_skips_scored_runs_and_resumes_unfinished_ones(tmp_path):
