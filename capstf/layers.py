@@ -93,12 +93,11 @@ def conv2d_valid(x, kernel, stride, forward_gradients=True):
     the batch: for the kernel gradient, the input channels (the input correlated with the output
     gradient, dilated by the stride); for the input gradient, again the input channels (the
     kernel, zero-padded, correlated with the flipped output gradient, dilated by the stride).
-    On this project's AVX512 CPUs oneDNN ran these faster than TF's gradient kernels (PrimaryCaps,
-    batch 128, float32 / bfloat16): kernel gradient 233 vs 360 ms / 121 vs 272 ms; input gradient
-    252 vs 305 ms / 126 vs 135 ms. On CPUs with AMX, oneDNN runs the dilated input gradient in
-    bfloat16 without AMX, so there it is `input_gradient_by_phases` instead (PrimaryCaps, batch
-    64: 44 ms against 130 dilated and 98 TF's own). Inputs with few channels (Conv1's image) keep
-    TF's gradients: one channel is too small a batch (2x slower, measured). forward_gradients=False
+    On AVX512 CPUs oneDNN runs these faster than TF's gradient kernels, in float32 and bfloat16.
+    On CPUs with AMX, oneDNN runs the dilated input gradient in bfloat16 without AMX, so there it
+    is `input_gradient_by_phases` instead. Inputs with few channels (Conv1's image) keep TF's
+    gradients: one channel is too small a batch. The timings behind each choice are in
+    docs/performance.md. forward_gradients=False
     keeps TensorFlow's own gradients: capstf's training picks that on GPUs and on AVX2-only CPUs,
     where TF's were faster (`capstf.train.device_defaults`).
     """

@@ -1,7 +1,7 @@
 """Several trainings at once, each in a process of its own (`capstf study --jobs N`).
 
-One CapsNet run leaves a large GPU mostly idle: four mnist-settings runs sharing an H200 trained
-at ~10,000 images/s each, where one alone made ~15,000 on an H100. Processes, unlike
+One CapsNet run leaves a large GPU mostly idle, so several at once get more done (measured in
+docs/results.md and docs/performance.md). Processes, unlike
 threads, give each training its own TensorFlow runtime, its own GPU where there are several,
 and the stop signals `capstf train` checkpoints on.
 """

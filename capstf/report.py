@@ -81,7 +81,7 @@ def _runs_table(page: Path, paths: List[Path], records: List[dict]) -> List[str]
     shared = {k: v for k, v in settings[0].items() if all(s.get(k) == v for s in settings)}
     scored_on = sorted({r["scored_on"] for r in records})
     per_run_scoring = len(scored_on) > 1  # a column of its own; else said once
-    lines = ["Every run: " + ", ".join(f"`{k}={v}`" for k, v in shared.items())
+    lines = [("Every run: " if len(records) > 1 else "The run: ") + ", ".join(f"`{k}={v}`" for k, v in shared.items())
              + ("." if per_run_scoring else f"; scored on {scored_on[0]}."), "",
              "| run | settings | seed | hardware | epochs | final accuracy | errors | training time |"
              + (" scored on |" if per_run_scoring else ""),

@@ -141,8 +141,8 @@ def is_chief(strategy) -> bool:
 class FusedAdam(keras.optimizers.Adam):
     """Keras' Adam (same update, same slot variables, so checkpoints interchange) with each
     variable's update done by one fused kernel: Keras' eight element-wise ops each pass over
-    memory, 24 ms of a 180 ms batch-32 CPU step for CapsNet's 8.2M weights; fused, 7 ms.
-    Without amsgrad, which capstf does not use."""
+    memory, a large share of a small-batch CPU step for CapsNet's 8.2M weights (timed in
+    docs/performance.md). Without amsgrad, which capstf does not use."""
 
     def update_step(self, gradient, variable, learning_rate):
         index = self._get_variable_index(variable)

@@ -195,6 +195,17 @@ def test_a_recipe_with_a_base_changes_only_what_it_lists():
     assert 0 < grandchild.data.train_rotate_scale_epochs < grandchild.train.epochs
 
 
+def test_the_image_set_recipes_share_a_base_that_is_not_a_recipe_itself():
+    assert "bases/image-set" not in config_lib.recipe_names() and "image-set" not in config_lib.recipe_names()
+    for name in ("cifar10", "smallnorb", "svhn", "tfds"):
+        full, local = config_lib.resolve(name), config_lib.resolve(name, runlocal=True)
+        train = full.train
+        assert (train.batch_size, train.learning_rate, train.decay_rate, train.decay_steps) == (128, 1e-3, 0.96, 2000)
+        assert full.model.decoder and full.model.reconstruction_weight == 0.0005
+        assert (local.train.steps, local.train.batch_size, local.model.conv1_filters) == (10, 16, 16)
+    assert config_lib.resolve("svhn").model.conv1_filters == 64  # a recipe's own setting over the base's
+
+
 @pytest.mark.parametrize("text, message", [
     ('base = "mnist"\nepochs = 3\n', "epochs is out of place"),
     ('[trian]\nepochs = 3\n', "trian is out of place"),

@@ -31,9 +31,9 @@ class CapsNet(Model):
     Args:
       cfg: ModelConfig (input size, channels, classes, capsule sizes, routing, decoder).
       jit_routing: compile routing with XLA, together with everything else after the two
-        convolutions (DigitCaps, lengths, decoder): same numbers as plain graph mode; on CPU
-        one XLA cluster made the batch-32 forward+backward of these parts 0.038 -> 0.026 s.
-        The convolutions stay outside: XLA's CPU convolutions are many times slower.
+        convolutions (DigitCaps, lengths, decoder): same numbers as plain graph mode, and on
+        CPUs one XLA cluster is faster than routing alone (docs/performance.md). The
+        convolutions stay outside: XLA's CPU convolutions are many times slower.
       precision: "float32", or "mixed_bfloat16"/"mixed_float16" for the two convolutions
         (routing, squash, decoder and losses stay float32).
       forward_conv_gradients: the convolutions' gradients as forward convolutions (faster on
@@ -97,8 +97,8 @@ class CapsNet(Model):
     def losses_and_gradients(self, batch, example_weight):
         """Model.losses_and_gradients; with jit_routing, everything after the convolutions is
         compiled forward and backward as one XLA computation. TensorFlow's own gradient of
-        `from_primary_capsules_xla` is a second computation fed what the first saved: on an
-        Intel Xeon, batch 64, that pair took 107 ms against 59 as one (docs/performance.md)."""
+        `from_primary_capsules_xla` is a second computation fed what the first saved, nearly
+        twice as slow as one (docs/performance.md)."""
         if not self.jit_routing:
             return super().losses_and_gradients(batch, example_weight)
         with tf.GradientTape() as tape:
