@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import keras
 import numpy as np
@@ -28,7 +28,7 @@ from capstf.errors import CapstfError, Preempted, RuntimeFailure
 from capstf.evaluate import score
 from capstf.metrics import exact_match
 from capstf.model import build_model
-from capstf.visualize import predict_batch, reconstruction_sheet
+from capstf.sheets import predict_batch, reconstruction_sheet
 
 
 # ------------------------------------------------------------------------ device choices
@@ -244,7 +244,6 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
     start = int(checkpoint.steps_done.numpy()) or int(optimizer.iterations.numpy())
     # Checkpoints written before capstf counted examples hold 0: their position is steps x batch.
     start_example = int(checkpoint.examples_seen.numpy()) or start * global_batch
-    trained_before = float(checkpoint.train_seconds.numpy())
     if multi_worker:
         check_workers_agree(strategy, start, start_example)
     if start:
@@ -260,24 +259,23 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
     batches = iter(strategy.distribute_datasets_from_function(dataset_fn, tf.distribute.InputOptions(
         experimental_fetch_to_device=True, experimental_per_replica_buffer_size=2)))
     train_call = make_train_call(model, optimizer, strategy, global_batch, jit == "step")
-    # A call of steps ends early at the next step that checkpoints, logs or evaluates.
-    boundaries = [cfg.train.checkpoint_every, cfg.train.log_every, steps_per_epoch if eval_data is not None else 0]
-
     preview = next(iter(make_dataset(cfg.data, train_examples, "test", 8, cfg.train.seed)))
     writer = tf.summary.create_file_writer(str(model_dir / "train")) if chief else tf.summary.create_noop_writer()
-    sums, t0, seen = {}, time.perf_counter(), 0
-    run_start, eval_seconds = t0, 0.0
+    clock, meter = TrainingClock(float(checkpoint.train_seconds.numpy())), Meter()
     # The step of the chief's newest good checkpoint, the same on every worker (they restored the
     # same one, and save together): whether to save at the end is decided from it, not from a
     # worker's own scratch checkpoints, which a finished run deletes.
     saved_step = start if restored else None
+    result = {"step": start}
+    bar = tqdm(total=total_steps, initial=start, unit="step", disable=quiet or not chief, dynamic_ncols=True)
 
+    # ------------------------------------------------ what the loop does between calls
     def save(step):
         nonlocal saved_step
         saved_step = step
         checkpoint.steps_done.assign(step)
         checkpoint.examples_seen.assign(start_example + (step - start) * global_batch)
-        checkpoint.train_seconds.assign(trained_before + time.perf_counter() - run_start - eval_seconds)
+        checkpoint.train_seconds.assign(clock.total())
         last_good = manager.latest_checkpoint
         try:
             manager.save(checkpoint_number=step)
@@ -286,66 +284,72 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
                                  f"({getattr(e, 'message', None) or e}); the last good one, {last_good}, "
                                  "is intact: free space or fix the folder, then rerun to resume.") from None
 
+    def save_unless_saved(step):
+        if saved_step != step:
+            save(step)
+
+    def log_progress(step):
+        nonlocal result
+        means, rate = meter.means(), meter.examples_per_second()
+        for k, v in {**means, "learning_rate": float(optimizer.learning_rate), "examples_per_second": rate}.items():
+            tf.summary.scalar(k, v, step=step)
+        bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.3f}", ex_s=f"{rate:.0f}")
+        if quiet:  # no terminal (a batch job, Kubernetes' logs, > train.log): a line, not a bar
+            left = round((total_steps - step) * global_batch / rate)
+            log(f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}): loss {means['loss']:.4f}, "
+                f"accuracy {means['accuracy']:.3f}, {rate:.0f} examples/s, "
+                f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
+        result = {"step": step, **means, "examples_per_second": rate}
+        meter.reset()
+
+    def log_image(step):
+        log_reconstructions(model, preview, step)
+
+    def evaluate(step):
+        eval_start, trained = time.perf_counter(), clock.in_this_run()
+        ev = score(model, make_dataset(cfg.data, eval_data, "test", 100, cfg.train.seed, limit=cfg.train.eval_examples),
+                   should_stop=lambda: signals.received is not None)
+        if ev is None:  # a stop request: its grace period is not the evaluation's to spend
+            log(f"step {step}: the {eval_split} evaluation was cut short by {signals.received}")
+        else:
+            tf.summary.scalar(f"{eval_split}_accuracy", ev["accuracy"], step=step)
+            log(f"step {step} (epoch {step / steps_per_epoch:.2f}): {eval_split} accuracy "
+                f"{ev['accuracy']:.4f} on {ev['examples']} examples; trained {trained:.0f} s in this run")
+            result[f"{eval_split}_accuracy"] = ev["accuracy"]
+        spent = time.perf_counter() - eval_start
+        clock.pause(spent)
+        meter.pause(spent)  # examples/s counts training only
+
+    hooks = [Periodic(cfg.train.checkpoint_every, save),
+             Periodic(cfg.train.log_every, log_progress, at_end=True),
+             Periodic(cfg.train.checkpoint_every if chief else 0, log_image, at_end=True),
+             Periodic(steps_per_epoch if eval_data is not None else 0, evaluate, at_end=True)]
+    # A call of steps ends early at the next step a hook is due. The same on every worker (each
+    # call is collective), though only the chief evaluates.
+    boundaries = [cfg.train.checkpoint_every, cfg.train.log_every, steps_per_epoch if cfg.train.eval_examples else 0]
+
     def stop_asked_here():
         """One process stops at once; workers only after the call that tells them all."""
         return signals.received is not None and not multi_worker
 
-    def save_unless_saved(step):
-        if saved_step != step:
-            save(step)
-    bar = tqdm(total=total_steps, initial=start, unit="step", disable=quiet or not chief, dynamic_ncols=True)
-    result = {"step": start}
+    # ------------------------------------------------------------------- the loop
     stopped = False  # by a stop request on any worker
     done = start  # the last step finished
     signals.noting = True  # from here a stop request is checkpointed, not raised
     with writer.as_default():
         try:
-            step = start
-            while step < total_steps:
-                steps = call_length(step, steps_per_call, total_steps, boundaries)
+            while done < total_steps:
+                steps = call_length(done, steps_per_call, total_steps, boundaries)
                 metrics = {k: float(v) for k, v in train_call(batches, steps, signals.received is not None).items()}
-                step = done = step + steps
-                stopped = metrics.pop("stop_requests") > 0 or stop_asked_here()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                seen += steps * global_batch
-                if step % cfg.train.checkpoint_every == 0:
-                    save(step)
-                if step % cfg.train.log_every == 0 or step == total_steps:
-                    rate = seen / (time.perf_counter() - t0)
-                    means = {k: v / sums["examples"] for k, v in sums.items() if k != "examples"}
-                    lr = float(optimizer.learning_rate)
-                    for k, v in {**means, "learning_rate": lr, "examples_per_second": rate}.items():
-                        tf.summary.scalar(k, v, step=step)
-                    bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.3f}", ex_s=f"{rate:.0f}")
-                    if quiet:  # no terminal (a batch job, Kubernetes' logs, > train.log): a line, not a bar
-                        left = round((total_steps - step) * global_batch / rate)
-                        log(f"step {step}/{total_steps} (epoch {step / steps_per_epoch:.2f}): loss {means['loss']:.4f}, "
-                            f"accuracy {means['accuracy']:.3f}, {rate:.0f} examples/s, "
-                            f"{left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left")
-                    result = {"step": step, **means, "examples_per_second": rate}
-                    sums, t0, seen = {}, time.perf_counter(), 0
-                if chief and (step % cfg.train.checkpoint_every == 0 or step == total_steps):
-                    log_reconstructions(model, preview, step)
+                done += steps
+                stopped = metrics.pop("stop_requests") > 0
+                meter.add(metrics, steps * global_batch)
                 bar.update(steps)
-                if chief and eval_data is not None and (step % steps_per_epoch == 0 or step == total_steps):
-                    eval_start = time.perf_counter()
-                    ev = score(model, make_dataset(cfg.data, eval_data, "test", 100, cfg.train.seed,
-                                                   limit=cfg.train.eval_examples),
-                               should_stop=lambda: signals.received is not None)
-                    if ev is None:  # a stop request: its grace period is not the evaluation's to spend
-                        log(f"step {step}: the {eval_split} evaluation was cut short by {signals.received}")
-                    else:
-                        tf.summary.scalar(f"{eval_split}_accuracy", ev["accuracy"], step=step)
-                        log(f"step {step} (epoch {step / steps_per_epoch:.2f}): {eval_split} accuracy "
-                            f"{ev['accuracy']:.4f} on {ev['examples']} examples; trained "
-                            f"{eval_start - run_start - eval_seconds:.0f} s in this run")
-                        result[f"{eval_split}_accuracy"] = ev["accuracy"]
-                    spent = time.perf_counter() - eval_start
-                    eval_seconds += spent
-                    t0 += spent  # examples/s counts training only
-                    stopped = stopped or stop_asked_here()
-                if stopped:
+                for hook in hooks:
+                    if hook.due(done, total_steps):
+                        hook.run(done)
+                if stopped or stop_asked_here():
+                    stopped = True
                     break
         except KeyboardInterrupt:  # a second Ctrl-C: keep every finished step where saving is ours alone
             if not multi_worker:
@@ -403,6 +407,59 @@ class StopSignals:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class Periodic(NamedTuple):
+    """Work the loop does after a call, at every multiple of `every` steps (0: never) and, with
+    at_end, after the last step."""
+    every: int
+    run: Callable[[int], None]
+    at_end: bool = False
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return bool(self.every) and (step % self.every == 0 or (self.at_end and step == total_steps))
+
+
+class TrainingClock:
+    """Seconds of training over every run of a model dir (what checkpoints keep): the time of
+    earlier runs, plus this run's less what it spent evaluating."""
+
+    def __init__(self, earlier_runs: float):
+        self.earlier_runs, self.start, self.paused = earlier_runs, time.perf_counter(), 0.0
+
+    def pause(self, seconds: float):
+        self.paused += seconds
+
+    def in_this_run(self) -> float:
+        return time.perf_counter() - self.start - self.paused
+
+    def total(self) -> float:
+        return self.earlier_runs + self.in_this_run()
+
+
+class Meter:
+    """The metric sums and examples since the last log line, and their rate in training time."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums, self.examples, self.start = {}, 0, time.perf_counter()
+
+    def add(self, metric_sums: dict, examples: int):
+        for k, v in metric_sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.examples += examples
+
+    def pause(self, seconds: float):
+        self.start += seconds
+
+    def means(self) -> dict:
+        """Each metric's mean per example (the sums hold an "examples" count of their own)."""
+        return {k: v / self.sums["examples"] for k, v in self.sums.items() if k != "examples"}
+
+    def examples_per_second(self) -> float:
+        return self.examples / (time.perf_counter() - self.start)
 
 
 def make_train_call(model, optimizer, strategy, global_batch, jit_step):

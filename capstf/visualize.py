@@ -1,79 +1,17 @@
-"""`capstf visualize`: the paper's figures 3, 4 and 5 as PNG files, drawn with Pillow."""
+"""`capstf visualize`: the paper's figures 3, 4 and 5 as PNG files (drawn by capstf.sheets)."""
 import numpy as np
 import tensorflow as tf
-from PIL import Image, ImageDraw
 
 from capstf import config as config_lib
 from capstf.checkpoints import restore_for_inference
 from capstf.data.datasets import make_dataset
-from capstf.data.inspect import viewable
 from capstf.data.sources import load_examples
 from capstf.errors import CapstfError
 from capstf.evaluate import check_dataset_fits
 from capstf.files import write_atomically
+from capstf.sheets import grid, overlay_sheet, predict_batch, reconstruction_sheet, tile
 
-SCALE = 3        # pixels per image pixel
-CAPTION = 12     # caption height in pixels
 PERTURBATIONS = np.round(np.arange(-0.25, 0.2501, 0.05), 2)  # the paper's Figure 4 range
-
-
-# ------------------------------------------------------------------------------ drawing
-
-def _tile(image) -> Image.Image:
-    """[H, W, C] floats in [0, 1] -> an RGB tile (grey, colour or a stereo pair), SCALE times larger."""
-    pixels = viewable(image)
-    return Image.fromarray(pixels, "RGB").resize((pixels.shape[1] * SCALE, pixels.shape[0] * SCALE), Image.NEAREST)
-
-
-def _grid(tiles, columns, captions=None, flags=None) -> Image.Image:
-    """Tiles (equal-size PIL images) in rows of `columns`, optional captions; flagged ones in red."""
-    w, h = tiles[0].size
-    cell_h = h + (CAPTION if captions else 0)
-    rows = -(-len(tiles) // columns)
-    sheet = Image.new("RGB", (columns * (w + 2) + 2, rows * (cell_h + 2) + 2), (40, 40, 40))
-    draw = ImageDraw.Draw(sheet)
-    for i, tile in enumerate(tiles):
-        x, y = 2 + (i % columns) * (w + 2), 2 + (i // columns) * (cell_h + 2)
-        sheet.paste(tile, (x, y))
-        color = (255, 80, 80) if flags is not None and flags[i] else (230, 230, 230)
-        if flags is not None and flags[i]:
-            draw.rectangle([x, y, x + w - 1, y + h - 1], outline=color)
-        if captions:
-            draw.text((x + 1, y + h), captions[i], fill=color)
-    return sheet
-
-
-def reconstruction_sheet(images, reconstructions, labels, predictions):
-    """Figure 3: each input above its reconstruction, captioned (label, prediction, target).
-
-    Args:
-      images: [n, H, W, C]; reconstructions: [n, k, H, W, C] (k digits, overlaid).
-      labels, predictions: [n, k] ints. The reconstruction target is the prediction.
-    """
-    tiles, captions, flags = [], [], []
-    for image, recon, label, pred in zip(images, reconstructions, labels, predictions):
-        above, below = _tile(image), _tile(np.minimum(recon.sum(0), 1))
-        pair = Image.new("RGB", (above.width, 2 * above.height))
-        pair.paste(above, (0, 0))
-        pair.paste(below, (0, above.height))
-        tiles.append(pair)
-        fmt = lambda v: "".join(map(str, v))
-        captions.append(f"({fmt(label)},{fmt(pred)},{fmt(pred)})")
-        flags.append(set(label.tolist()) != set(pred.tolist()))
-    return _grid(tiles, min(len(tiles), 10), captions, flags)
-
-
-def overlay_sheet(images, reconstructions, labels, predictions):
-    """Figure 5: inputs (gray) with the two reconstructed digits in red and green; wrong ones framed."""
-    tiles, captions, flags = [], [], []
-    for image, recon, label, pred in zip(images, reconstructions, labels, predictions):
-        base = np.squeeze(image)[..., None] * 0.35
-        rgb = np.clip(base + np.stack([np.squeeze(recon[0]), np.squeeze(recon[1]), np.zeros_like(base[..., 0])], -1), 0, 1)
-        tile = Image.fromarray(np.round(rgb * 255).astype(np.uint8), "RGB")
-        tiles.append(tile.resize((tile.width * SCALE, tile.height * SCALE), Image.NEAREST))
-        captions.append(f"L:{label[0]}{label[1]} P:{pred[0]}{pred[1]}")
-        flags.append(set(label.tolist()) != set(pred.tolist()))
-    return _grid(tiles, min(len(tiles), 8), captions, flags)
 
 
 # --------------------------------------------------------------------------- the commands
@@ -98,14 +36,6 @@ def _examples(cfg, count, seed=0):
 def _save(image, out):
     write_atomically(out, lambda scratch: image.save(scratch, format="PNG"))
     return {"out": str(out), "width": image.width, "height": image.height}
-
-
-def predict_batch(model, k, batch):
-    """(model outputs, labels [n, k], the k longest capsules [n, k]) for a batch."""
-    out = model(batch["image"])
-    predictions = tf.math.top_k(out["probabilities"], k).indices.numpy()
-    labels = tf.reshape(batch["label"], [len(predictions), -1]).numpy()
-    return out, labels, predictions
 
 
 def reconstructions(model_dir, out, dataset=None, data_dir=None, count=20):
@@ -140,10 +70,10 @@ def perturbations(model_dir, out, dataset=None, data_dir=None, index=0):
     capsules = tf.scatter_nd([[top]], [tf.reshape(moved, [-1, dims])], [cfg.model.num_classes, dims * len(PERTURBATIONS), dims])
     capsules = tf.transpose(capsules, [1, 0, 2])  # [dims * steps, classes, dim]
     decoded = model.reconstruct(capsules, tf.fill([dims * len(PERTURBATIONS), 1], top))[:, 0]
-    grid = tf.reshape(decoded, [dims, len(PERTURBATIONS), *decoded.shape[1:]]).numpy()
-    tiles = [_tile(tile) for row in grid for tile in row]
-    info = _save(_grid(tiles, len(PERTURBATIONS)), out)
-    return {**info, "rows": dims, "columns": len(PERTURBATIONS), "digit_class": top}, grid
+    decoded_grid = tf.reshape(decoded, [dims, len(PERTURBATIONS), *decoded.shape[1:]]).numpy()
+    tiles = [tile(image) for row in decoded_grid for image in row]
+    info = _save(grid(tiles, len(PERTURBATIONS)), out)
+    return {**info, "rows": dims, "columns": len(PERTURBATIONS), "digit_class": top}, decoded_grid
 
 
 def multimnist(model_dir, out, dataset=None, data_dir=None, count=16):

@@ -21,7 +21,7 @@ from capstf.export import export
 from capstf.serving import client
 from capstf.serving.server import start_server
 from capstf.train import train
-from capstf.visualize import reconstruction_sheet, SCALE
+from capstf.sheets import SCALE, reconstruction_sheet
 
 MOCK_EXAMPLES = 24
 # data set -> (source images as loaded [H, W, C], classes, the crop the model sees)

@@ -641,3 +641,18 @@ def test_without_a_terminal_training_prints_a_line_every_log_every_steps(tmp_pat
     assert re.fullmatch(r"step 5/10 \(epoch 0\.03\): loss \d\.\d{4}, accuracy \d\.\d{3}, \d+ examples/s, "
                         r"0:\d\d:\d\d left", lines[0])
     assert lines[1].endswith(", 0:00:00 left")
+
+
+def test_workers_end_their_calls_at_the_same_steps_though_only_the_chief_evaluates(tmp_path):
+    # 5,000 digits at batch 512: an epoch of 9 steps ends inside a call of 4. The chief evaluates
+    # after step 9; every worker's calls must end there too, each call being collective.
+    workers = start_two_workers(tmp_path / "run", 12, 12, "--batch-size", "512", "--steps-per-call", "4",
+                                "--eval-examples", "16")
+    try:
+        outputs = [w.communicate(timeout=300)[0] for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    assert "step 9 (epoch 1.00): test accuracy" in outputs[0]
+    assert json.loads(outputs[0].strip().splitlines()[-1])["step"] == 12

@@ -5,13 +5,13 @@ from click.testing import CliRunner
 from conftest import model_from_checkpoint_files, small_config
 from PIL import Image
 
-from capstf import config as config_lib, visualize
+from capstf import config as config_lib, sheets, visualize
 from capstf.cli import main
 from capstf.data.datasets import make_dataset
 from capstf.data.sources import load_examples
 from capstf.train import train
 
-TILE = 28 * visualize.SCALE
+TILE = 28 * sheets.SCALE
 
 
 def test_reconstruction_figure_has_inputs_over_reconstructions(trained_mnist, tmp_path):
@@ -20,7 +20,7 @@ def test_reconstruction_figure_has_inputs_over_reconstructions(trained_mnist, tm
                                        "--count", "6", "--out", str(tmp_path / "fig3.png")])
     assert result.exit_code == 0, result.output
     image = Image.open(tmp_path / "fig3.png")
-    assert image.size == (6 * (TILE + 2) + 2, 2 * TILE + visualize.CAPTION + 4)
+    assert image.size == (6 * (TILE + 2) + 2, 2 * TILE + sheets.CAPTION + 4)
 
 
 def test_perturbation_grid_has_16_rows_of_11_changing_images(trained_mnist, tmp_path):
@@ -35,7 +35,7 @@ def test_perturbation_grid_has_16_rows_of_11_changing_images(trained_mnist, tmp_
 
 
 def test_overlay_draws_the_input_grey_and_the_two_reconstructions_red_and_green_framing_wrong_pairs():
-    size, scale = 36, visualize.SCALE
+    size, scale = 36, sheets.SCALE
     images = np.zeros([2, size, size, 1], np.float32)
     images[:, 10:20, 10:20] = 1.0                            # the input's ink
     recon = np.zeros([2, 2, size, size, 1], np.float32)
@@ -68,7 +68,7 @@ def test_multimnist_figure_overlays_the_models_reconstructions_of_test_pairs(tmp
     drawn = Image.open(tmp_path / "fig5.png")
     # Within one level: the figure's model compiles its routing, this one does not (float rounding).
     assert np.abs(np.asarray(drawn, np.int16) - np.asarray(expected, np.int16)).max() <= 1
-    assert (info["width"], info["height"]) == (8 * (36 * visualize.SCALE + 2) + 2, 36 * visualize.SCALE + visualize.CAPTION + 4)
+    assert (info["width"], info["height"]) == (8 * (36 * sheets.SCALE + 2) + 2, 36 * sheets.SCALE + sheets.CAPTION + 4)
 
 
 @pytest.mark.parametrize("args, message", [
