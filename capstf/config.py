@@ -52,14 +52,14 @@ def check_dataset_name(dataset: str, allowed=tuple(DATASETS)):
                           f"{TFDS_PREFIX}NAME[:CONFIG] for a TensorFlow Datasets image classification set.")
 
 
-def fit_model_to(model, canvas: Canvas):
-    """The model config takes the data set's input size, digits per image, channels and classes."""
-    model.input_size, model.digits_per_image = canvas.size, canvas.digits_per_image
-    model.channels, model.num_classes = canvas.channels, canvas.num_classes
+def fit_model_to(model: "ModelConfig", canvas: Canvas) -> "ModelConfig":
+    """The model config with the data set's input size, digits per image, channels and classes."""
+    return dataclasses.replace(model, input_size=canvas.size, digits_per_image=canvas.digits_per_image,
+                               channels=canvas.channels, num_classes=canvas.num_classes)
 ROUTING_GRADIENTS = ("all", "final")  # see capstf.layers.route_by_agreement
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class DataConfig:
     dataset: str = "mnist"           # a name in DATASETS, or tfds:NAME[:CONFIG]
     data_dir: str = ""               # "" = TFDS; "sample" = bundled digits; an IDX folder; a TFDS data dir
@@ -79,7 +79,7 @@ class DataConfig:
     max_scale: float = 1.2
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     kind: str = "capsnet"            # capsnet | baseline (the paper's CNN) | cnn-two-pools (the authors')
                                      # | cnn-no-pooling (capstf.model.baseline)
@@ -106,7 +106,7 @@ class ModelConfig:
     baseline_hidden: int = 328       # baseline CNN: width of its first hidden layer (the paper's 328)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 128            # global, over all replicas
     epochs: float = 10.0
@@ -127,7 +127,7 @@ class TrainConfig:
     data_service: str = ""           # grpc://HOST:PORT: generate on tf.data service workers; "": here
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Config:
     data: DataConfig
     model: ModelConfig
@@ -137,6 +137,15 @@ class Config:
 
     def to_dict(self):
         return dataclasses.asdict(self)
+
+    def with_settings(self, settings: Mapping[str, Any]) -> "Config":
+        """A copy with {"section.name": value} settings changed (not validated again)."""
+        sections = {}
+        for dotted, value in settings.items():
+            section, _, name = dotted.partition(".")
+            sections.setdefault(section, {})[name] = value
+        return dataclasses.replace(self, **{section: dataclasses.replace(getattr(self, section), **values)
+                                            for section, values in sections.items()})
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "Config":
@@ -213,9 +222,7 @@ def resolve(recipe: str, overrides: Optional[Mapping[str, Any]] = None, runlocal
     local = raw.pop("runlocal", {})
     for key, value in list((local if runlocal else {}).items()) + list((overrides or {}).items()):
         _set(raw, key, value)
-    cfg = Config.from_dict(raw)
-    validate(cfg)
-    return cfg
+    return validate(Config.from_dict(raw))
 
 
 def _set(raw: dict, dotted: str, value):
@@ -261,8 +268,9 @@ def _setting(cfg, key):
     return getattr(getattr(cfg, section), name)
 
 
-def validate(cfg: Config):
-    """Checks ranges and fills the model's input settings from the data set."""
+def validate(cfg: Config) -> Config:
+    """Checks ranges; returns cfg with the model's input settings taken from the data set.
+    Configs are frozen: what changes one returns a new one (dataclasses.replace)."""
     for key, allowed in CHOICES.items():
         if (value := _setting(cfg, key)) not in allowed:
             raise CapstfError(f"{key}={value!r}: choose one of {', '.join(allowed)}.")
@@ -308,7 +316,8 @@ def validate(cfg: Config):
         raise CapstfError("data.random_flip, data.max_brightness_delta and data.max_contrast_change are for "
                           f"the TFDS image data sets ({', '.join(TFDS_IMAGE_SETS)}, {TFDS_PREFIX}NAME).")
     if data.dataset in DATASETS:  # a tfds: data set's shape is filled in once it is loaded
-        fit_model_to(cfg.model, DATASETS[data.dataset])
+        return dataclasses.replace(cfg, model=fit_model_to(cfg.model, DATASETS[data.dataset]))
+    return cfg
 
 
 def save(cfg: Config, model_dir: Path):

@@ -71,11 +71,8 @@ def measure(model_dirs, dataset=None, data_dir=None, split="test", limit=0,
     dataset = dataset or cfg.data.dataset
     for model_dir, model_cfg in zip(model_dirs, configs):
         check_dataset_fits(model_cfg, dataset, model_dir)
-    cfg.data.dataset = dataset
-    if data_dir is not None:
-        cfg.data.data_dir = data_dir
-    if partners_per_digit:
-        cfg.data.partners_per_digit = partners_per_digit
+    cfg = cfg.with_settings({"data.dataset": dataset, "data.data_dir": cfg.data.data_dir if data_dir is None else data_dir,
+                             "data.partners_per_digit": partners_per_digit or cfg.data.partners_per_digit})
     examples = load_examples(cfg.data.data_dir, split, dataset, cfg.data.validation_digits)
     canvas = input_canvas(cfg.data, examples)
     for model_dir, model_cfg in zip(model_dirs, configs):

@@ -96,7 +96,7 @@ def export(model_dir, export_dir, name="capsnet", version=None, formats=("savedm
         raise RuntimeFailure(f"Cannot write to --export-dir {export_dir}: {e.strerror}.") from None
 
     if data_dir is not None:
-        cfg.data.data_dir = data_dir
+        cfg = cfg.with_settings({"data.data_dir": data_dir})
     examples = load_examples(cfg.data.data_dir, "test", cfg.data.dataset)
     batch = next(iter(make_dataset(cfg.data, examples, "test", verify_examples, cfg.train.seed, limit=verify_examples)))
     images = batch["image"]

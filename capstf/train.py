@@ -210,7 +210,7 @@ def run_training(cfg, model_dir: Path, quiet, signals) -> dict:
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     train_examples, validation_examples = load_training_split(
         cfg.data.data_dir, cfg.data.dataset, cfg.data.validation_digits)
-    fit_model_to_data(cfg, train_examples)
+    cfg = fit_model_to_data(cfg, train_examples)
     # Scored after each epoch: the held-out training examples if there are any, else the test ones.
     eval_split = "validation" if validation_examples is not None else "test"
     eval_data = None

@@ -19,9 +19,8 @@ PERTURBATIONS = np.round(np.arange(-0.25, 0.2501, 0.05), 2)  # the paper's Figur
 def _load(model_dir, dataset, data_dir):
     cfg = config_lib.load_saved(model_dir)
     check_dataset_fits(cfg, dataset or cfg.data.dataset, model_dir)
-    cfg.data.dataset = dataset or cfg.data.dataset
-    if data_dir is not None:
-        cfg.data.data_dir = data_dir
+    cfg = cfg.with_settings({"data.dataset": dataset or cfg.data.dataset,
+                             "data.data_dir": cfg.data.data_dir if data_dir is None else data_dir})
     if cfg.model.kind != "capsnet" or not cfg.model.decoder:
         raise CapstfError(f"{model_dir} holds a model without a reconstruction decoder; nothing to draw.")
     model, _ = restore_for_inference(model_dir, cfg)

@@ -22,14 +22,15 @@ def test_digits():
     return load_examples("sample", "test")
 
 
-def small_config(dataset="mnist", **train):
-    """The mnist/multimnist recipe with a small CapsNet, float32, for fast tests."""
+def small_config(dataset="mnist", settings=None, **train):
+    """The mnist/multimnist recipe with a small CapsNet, float32, for fast tests; `settings`
+    ({"model.decoder": False, ...}) and train.* keywords override it."""
     from capstf import config
     overrides = {"data.dataset": dataset, "data.data_dir": "sample", "data.partners_per_digit": 1,
                  "model.conv1_filters": 32, "model.primary_caps_types": 8,
                  "train.precision": "float32", "train.batch_size": 32, "train.log_every": 5,
                  "train.distribute": "one-device"}
-    overrides.update({f"train.{k}": v for k, v in train.items()})
+    overrides.update({f"train.{k}": v for k, v in train.items()}, **(settings or {}))
     return config.resolve(dataset, overrides)
 
 

@@ -84,10 +84,9 @@ def test_no_readable_checkpoint_is_a_clear_error(two_checkpoints):
 
 
 def test_a_checkpoint_without_the_models_weights_is_refused(tmp_path):
-    cfg = small_config(steps=1)
-    cfg.model.decoder = False
+    cfg = small_config(steps=1, settings={"model.decoder": False})
     train(cfg, tmp_path, quiet=True)
-    cfg.model.decoder = True  # as if config.json named a model the checkpoint does not hold
+    cfg = cfg.with_settings({"model.decoder": True})  # as if config.json named a model the checkpoint does not hold
     (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict()))
     with pytest.raises(CapstfError, match="lacks weights this model needs .*decoder"):
         restore_for_inference(tmp_path, cfg)
@@ -278,8 +277,7 @@ def test_sigterm_checkpoints_the_current_step_and_the_same_command_resumes(tmp_p
     assert 0 < stopped_at < 200  # the step it was at: no checkpoint is scheduled before 500
     resumed = capstf_train(tmp_path / "stopped", 200)
     assert resumed.wait(timeout=300) == 0
-    cfg = small_config()
-    cfg.model.conv1_filters, cfg.model.primary_caps_types = 16, 4
+    cfg = small_config(settings={"model.conv1_filters": 16, "model.primary_caps_types": 4})
     (step_a, a), (step_b, b) = weights(tmp_path / "straight", cfg), weights(tmp_path / "stopped", cfg)
     assert step_a == step_b == 200
     for x, y in zip(a, b):
@@ -319,8 +317,8 @@ def test_a_sigterm_during_an_evaluation_cuts_it_short_and_checkpoints_the_step_e
                 yield batch
         return batches()
     monkeypatch.setattr(train_module, "make_dataset", evaluation_that_gets_a_sigterm)
-    cfg = small_config(steps=10, eval_examples=500)  # 5 batches of 100 after each epoch
-    cfg.data.validation_digits = 4900  # 100 training digits: an epoch is 3 steps
+    # 5 batches of 100 after each epoch; 100 training digits: an epoch is 3 steps
+    cfg = small_config(steps=10, eval_examples=500, settings={"data.validation_digits": 4900})
     with pytest.raises(Preempted, match="stopped by SIGTERM after step 3 of 10"):
         train(cfg, tmp_path, quiet=True)
     assert evaluated == [0, 1]  # 5 batches to score; the second, which came with the request, was not

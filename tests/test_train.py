@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import re
@@ -87,13 +88,12 @@ def test_incompatible_model_dir_is_refused_and_other_changes_are_reported(tmp_pa
     for setting, value, message in (("conv1_filters", 16, "conv1_filters: 32 -> 16"),
                                     ("decoder", False, "decoder: True -> False"),
                                     ("capsule_biases", True, "capsule_biases: False -> True")):
-        cfg = small_config(steps=2)
-        setattr(cfg.model, setting, value)
+        cfg = small_config(steps=2, settings={f"model.{setting}": value})
         with pytest.raises(CapstfError, match=message):
             train(cfg, tmp_path, quiet=True)
     capsys.readouterr()
-    cfg = small_config(steps=2, learning_rate=2e-3)
-    cfg.model.reconstruction_weight, cfg.model.routing_iters = 0.001, 2  # a loss weight and routing: no new shapes
+    # a loss weight and routing: no new shapes
+    cfg = small_config(steps=2, learning_rate=2e-3, settings={"model.reconstruction_weight": 0.001, "model.routing_iters": 2})
     train(cfg, tmp_path, quiet=True)
     assert "resumed from step 1; settings changed since: model.routing_iters: 3 -> 2; model.reconstruction_weight: " \
            "0.0005 -> 0.001; train.steps: 1 -> 2; train.learning_rate: 0.001 -> 0.002" in capsys.readouterr().out
@@ -103,13 +103,9 @@ def test_incompatible_model_dir_is_refused_and_other_changes_are_reported(tmp_pa
                                                       ("train.seed", 1, "seed: 0 -> 1")])
 def test_a_resume_that_would_change_the_training_examples_is_refused(tmp_path, setting, value, message):
     from capstf import config as config_lib
-    first = small_config(steps=4, checkpoint_every=4)
-    first.data.validation_digits = 1000
+    first = small_config(steps=4, checkpoint_every=4, settings={"data.validation_digits": 1000})
     train(first, tmp_path / "run", quiet=True)
-    changed = small_config(steps=6)
-    changed.data.validation_digits = 1000
-    section, name = setting.split(".")
-    setattr(getattr(changed, section), name, value)
+    changed = small_config(steps=6, settings={"data.validation_digits": 1000, setting: value})
     with pytest.raises(CapstfError, match=message):
         train(changed, tmp_path / "run", quiet=True)
     # A model dir with a config but no checkpoint yet has nothing to resume: the change is reported.
@@ -186,13 +182,23 @@ def test_a_recipe_with_a_base_changes_only_what_it_lists():
     base, derived = config_lib.resolve("mnist-small"), config_lib.resolve("mnist-small-rotate-scale")
     assert base.data.train_max_rotation_deg == 0 < derived.data.train_max_rotation_deg
     assert derived.train.epochs == 2 * base.train.epochs and derived.recipe == "mnist-small-rotate-scale"
-    derived.data.train_max_rotation_deg = derived.data.train_max_scale_change = 0.0
-    derived.train.epochs, derived.recipe = base.train.epochs, base.recipe
-    assert derived == base
+    derived = derived.with_settings({"data.train_max_rotation_deg": 0.0, "data.train_max_scale_change": 0.0,
+                                     "train.epochs": base.train.epochs})
+    assert dataclasses.replace(derived, recipe=base.recipe) == base
     assert config_lib.resolve("mnist-small-rotate-scale", runlocal=True).train.steps == 20  # base's [runlocal]
     grandchild = config_lib.resolve("mnist-small-rotate-scale-then-shift")  # a base's base applies too
     assert grandchild.data.train_max_rotation_deg == 15 and grandchild.model == base.model
     assert 0 < grandchild.data.train_rotate_scale_epochs < grandchild.train.epochs
+
+
+def test_configs_are_frozen_and_a_change_returns_a_new_one():
+    cfg = config_lib.resolve("mnist")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.train.steps = 3
+    changed = cfg.with_settings({"train.steps": 3, "data.data_dir": "sample"})
+    assert (changed.train.steps, changed.data.data_dir) == (3, "sample")
+    assert (cfg.train.steps, cfg.data.data_dir) == (0, "")  # what was given is what it stays
+    assert changed.model is cfg.model and changed.recipe == "mnist"
 
 
 def test_the_image_set_recipes_share_a_base_that_is_not_a_recipe_itself():
@@ -557,8 +563,7 @@ def test_held_out_validation_digits_are_never_trained_on_and_score_per_epoch(tmp
     import capstf.data.sources as sources
     import capstf.train as train_module
     from capstf.data.sources import load_examples
-    cfg = small_config(steps=4, eval_examples=300)
-    cfg.data.validation_digits = 1000
+    cfg = small_config(steps=4, eval_examples=300, settings={"data.validation_digits": 1000})
     trained_on, files_read = [], []
     make_dataset, read_idx = train_module.make_dataset, sources.read_idx
 

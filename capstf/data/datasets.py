@@ -15,6 +15,7 @@ Batches are dicts: `image` float32 [batch, H, W, C] in [0, 1]; `label` int32 [ba
 digit) or [batch, 2] (MultiMNIST); `components` float32 [batch, 2, H, W, 1] (MultiMNIST: each
 digit alone, the reconstruction targets).
 """
+import dataclasses
 import math
 from typing import Callable, Dict, NamedTuple
 
@@ -275,10 +276,11 @@ def input_canvas(cfg, examples: Examples) -> Canvas:
 
 
 def fit_model_to_data(cfg, examples: Examples):
-    """A tfds:NAME data set's size, channels and classes are known once it is loaded: the model
-    config (`cfg`, a whole Config) takes them from its training examples."""
+    """A tfds:NAME data set's size, channels and classes are known once it is loaded: `cfg` (a
+    whole Config) with the model config taking them from its training examples."""
     if is_tfds_name(cfg.data.dataset):
-        fit_model_to(cfg.model, input_canvas(cfg.data, examples))
+        return dataclasses.replace(cfg, model=fit_model_to(cfg.model, input_canvas(cfg.data, examples)))
+    return cfg
 
 
 # ---------------------------------------------------------------------------- the pipeline
