@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from capstf.config import CHOICES, DATASETS, TFDS_PREFIX, TRAINABLE, check_dataset_name, is_tfds_name
+from capstf.catalog import DATA_SETS, TFDS_PREFIX, TRAINABLE, check_dataset_name, data_set, is_tfds_name
+from capstf.config import CHOICES
 from capstf.errors import CapstfError, RuntimeFailure
 from capstf.serving.limits import Limits
 
@@ -138,7 +139,7 @@ def train(dataset, recipe, model_dir, runlocal, settings, cpu_devices, no_decode
     if is_tfds_name(dataset):  # the recipe's settings (default: recipe tfds) on this TFDS data set
         overrides["data.dataset"] = dataset
     overrides.update(parse_settings(settings))
-    cfg = config_lib.resolve(recipe or config_lib.recipe_for(dataset), overrides, runlocal=runlocal)
+    cfg = config_lib.resolve(recipe or data_set(dataset).recipe, overrides, runlocal=runlocal)
     if cfg.data.dataset != dataset:
         raise CapstfError(f"Recipe {cfg.recipe} is for {cfg.data.dataset}, not --dataset {dataset}.")
     if cpu_devices:
@@ -225,7 +226,7 @@ def report(root, check):
 @main.command()
 @click.option("--model-dir", "model_dirs", required=True, multiple=True,
               help="A folder written by `capstf train`; several: an ensemble (capsule lengths averaged).")
-@click.option("--dataset", type=DatasetName(DATASETS), default=None, help="Default: the one trained on.")
+@click.option("--dataset", type=DatasetName(DATA_SETS), default=None, help="Default: the one trained on.")
 @data_dir_option
 @click.option("--split", type=click.Choice(["train", "validation", "test"]), default="test",
               help="train: one pass over the training digits, unshifted; validation: the digits "
@@ -244,7 +245,7 @@ def evaluate(model_dirs, dataset, data_dir, split, limit, partners):
 
 
 @main.command()
-@click.option("--dataset", type=DatasetName(DATASETS), required=True)
+@click.option("--dataset", type=DatasetName(DATA_SETS), required=True)
 @data_dir_option
 @click.option("--split", type=click.Choice(["train", "test"]), default="train")
 @click.option("--count", type=int, default=64, show_default=True)
@@ -410,7 +411,7 @@ def visualize():
 def figure_options(f):
     for option in reversed([
             click.option("--model-dir", required=True, help="A folder written by `capstf train`."),
-            click.option("--dataset", type=DatasetName(DATASETS), default=None, help="Default: the one trained on."),
+            click.option("--dataset", type=DatasetName(DATA_SETS), default=None, help="Default: the one trained on."),
             click.option("--data-dir", default=None, metavar="DIR|sample", help="Default: the model's own."),
             click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output PNG file.")]):
         f = option(f)

@@ -9,47 +9,11 @@ import re
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, Mapping, NamedTuple, Optional
+from typing import Any, Dict, Mapping, Optional
 
+from capstf.catalog import IMAGE_SETS, TFDS_PREFIX, Canvas, data_set
 from capstf.errors import CapstfError
 from capstf.files import read_json, write_json
-
-class Canvas(NamedTuple):
-    size: int              # height and width of the images the model sees (after any crop)
-    digits_per_image: int  # MultiMNIST: 2
-    channels: int = 1
-    num_classes: int = 10
-
-
-DATASETS = {  # capstf.data.datasets makes each; the last three from TFDS (capstf.data.sources)
-    "mnist": Canvas(28, 1), "multimnist": Canvas(36, 2), "expanded-mnist": Canvas(40, 1), "affnist": Canvas(40, 1),
-    "smallnorb": Canvas(32, 1, channels=2, num_classes=5),  # 32x32 crops of the stereo pair at 48x48
-    "cifar10": Canvas(24, 1, channels=3),                   # 24x24 crops of the 32x32 images
-    "svhn": Canvas(32, 1, channels=3)}
-TFDS_IMAGE_SETS = ("smallnorb", "cifar10", "svhn")  # cropped, flipped and jittered, not placed like digits
-TFDS_PREFIX = "tfds:"  # --dataset tfds:NAME[:CONFIG]: any TFDS image classification set, its shape from TFDS
-TRAINABLE = tuple(name for name in DATASETS if name != "affnist")  # affnist is a test set only
-
-
-def is_tfds_name(dataset: str) -> bool:
-    return dataset.startswith(TFDS_PREFIX) and len(dataset) > len(TFDS_PREFIX)
-
-
-def is_image_set(dataset: str) -> bool:
-    """A TFDS image data set (cropped, flipped, jittered), as opposed to one made of MNIST digits."""
-    return dataset in TFDS_IMAGE_SETS or is_tfds_name(dataset)
-
-
-def recipe_for(dataset: str) -> str:
-    """The recipe a data set trains (and generates its examples) with by default."""
-    return "tfds" if is_tfds_name(dataset) else {"affnist": "expanded-mnist"}.get(dataset, dataset)
-
-
-def check_dataset_name(dataset: str, allowed=tuple(DATASETS)):
-    """A data set name is one of `allowed` or tfds:NAME[:CONFIG]; anything else is refused."""
-    if dataset not in allowed and not is_tfds_name(dataset):
-        raise CapstfError(f"Unknown data set {dataset!r}; choose one of {', '.join(allowed)}, or "
-                          f"{TFDS_PREFIX}NAME[:CONFIG] for a TensorFlow Datasets image classification set.")
 
 
 def fit_model_to(model: "ModelConfig", canvas: Canvas) -> "ModelConfig":
@@ -61,7 +25,7 @@ ROUTING_GRADIENTS = ("all", "final")  # see capstf.layers.route_by_agreement
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "mnist"           # a name in DATASETS, or tfds:NAME[:CONFIG]
+    dataset: str = "mnist"           # a name in capstf.catalog.DATA_SETS, or tfds:NAME[:CONFIG]
     data_dir: str = ""               # "" = TFDS; "sample" = bundled digits; an IDX folder; a TFDS data dir
     validation_digits: int = 0       # the last this many training digits are held out for validation
     max_shift: int = 2               # training shift per axis, in pixels (TFDS image sets: zero padding
@@ -274,7 +238,7 @@ def validate(cfg: Config) -> Config:
     for key, allowed in CHOICES.items():
         if (value := _setting(cfg, key)) not in allowed:
             raise CapstfError(f"{key}={value!r}: choose one of {', '.join(allowed)}.")
-    check_dataset_name(cfg.data.dataset)
+    dataset = data_set(cfg.data.dataset)  # refuses an unknown name
     for key in AT_LEAST_1:
         if (value := _setting(cfg, key)) < 1:
             raise CapstfError(f"{key} must be at least 1, got {value}.")
@@ -308,15 +272,14 @@ def validate(cfg: Config) -> Config:
                           f"{data.min_scale} and {data.max_scale}.")
     if train.steps < 0 or train.epochs < 0 or (train.steps == 0 and train.epochs == 0):
         raise CapstfError("Train for a positive number of --steps or --epochs.")
-    if (data.train_max_rotation_deg or data.train_max_scale_change) and \
-            data.dataset not in ("mnist", "expanded-mnist"):
-        raise CapstfError("Training rotation and scaling are for --dataset mnist and expanded-mnist only.")
-    if (data.random_flip or data.max_brightness_delta or data.max_contrast_change) and \
-            not is_image_set(data.dataset):
+    if (data.train_max_rotation_deg or data.train_max_scale_change) and dataset.examples != "digit":
+        raise CapstfError("Training rotation and scaling are for data sets of single digits (mnist, "
+                          f"expanded-mnist), not {dataset.name}.")
+    if (data.random_flip or data.max_brightness_delta or data.max_contrast_change) and dataset.digits:
         raise CapstfError("data.random_flip, data.max_brightness_delta and data.max_contrast_change are for "
-                          f"the TFDS image data sets ({', '.join(TFDS_IMAGE_SETS)}, {TFDS_PREFIX}NAME).")
-    if data.dataset in DATASETS:  # a tfds: data set's shape is filled in once it is loaded
-        return dataclasses.replace(cfg, model=fit_model_to(cfg.model, DATASETS[data.dataset]))
+                          f"the TFDS image data sets ({', '.join(IMAGE_SETS)}, {TFDS_PREFIX}NAME).")
+    if dataset.canvas:  # a tfds: data set's shape is filled in once it is loaded
+        return dataclasses.replace(cfg, model=fit_model_to(cfg.model, dataset.canvas))
     return cfg
 
 

@@ -4,6 +4,7 @@ from pathlib import Path
 import tensorflow as tf
 
 from capstf import config as config_lib
+from capstf.catalog import data_set
 from capstf.checkpoints import restore_for_inference
 from capstf.data.datasets import input_canvas, make_dataset, num_examples
 from capstf.data.sources import load_examples
@@ -36,8 +37,7 @@ def check_dataset_fits(cfg, dataset, model_dir, canvas=None):
 
     canvas: the data set's, if loaded (a tfds:NAME data set's is known only then).
     """
-    config_lib.check_dataset_name(dataset)
-    canvas = canvas or config_lib.DATASETS.get(dataset)
+    canvas = canvas or data_set(dataset).canvas
     model = cfg.model
     if canvas and tuple(canvas) != (model.input_size, model.digits_per_image, model.channels, model.num_classes):
         raise CapstfError(f"{model_dir} holds a model trained on {cfg.data.dataset} ({model.input_size}x"
@@ -85,7 +85,7 @@ def measure(model_dirs, dataset=None, data_dir=None, split="test", limit=0,
                **score(model, data), "parameters": model.count_params()}
     if len(restored) > 1:
         metrics["ensemble"] = [str(d) for d in model_dirs]
-    if dataset == "multimnist":
+    if data_set(dataset).examples == "pair":
         metrics["partners_per_digit"] = cfg.data.partners_per_digit
         metrics["both_correct_accuracy"] = metrics["accuracy"]
     metrics["available_examples"] = num_examples(cfg.data, examples, "test")

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from capstf import config as config_lib
+from capstf.catalog import check_dataset_name
 from capstf.checkpoints import checkpoint_dir, list_checkpoints, training_progress
 from capstf.errors import CapstfError, RuntimeFailure
 from capstf.evaluate import measure
@@ -122,7 +123,7 @@ def load_study(name: str) -> Study:
             raise CapstfError(f"{run_where}: the paper's figures are for test sets it is not scored_on.")
         try:  # a misspelt test set would only be found after training
             for test_set in test_sets:
-                config_lib.check_dataset_name(test_set)
+                check_dataset_name(test_set)
         except CapstfError as e:
             raise CapstfError(f"{run_where}: {e}") from None
         runs[run_name] = Run(run_name, spec["recipe"], dict(spec.get("set", {})), spec.get("row", run_name),

@@ -282,10 +282,14 @@ def test_drawn_affine_parameters_stay_in_their_ranges():
         assert values[key].max() - values[key].min() > 0.8 * (high - low)  # the whole range is used
 
 
-def test_config_names_every_data_set():
-    from capstf.config import DATASETS
-    from capstf.data.datasets import SPECS
-    assert tuple(SPECS) == tuple(DATASETS)
+def test_every_data_set_in_the_catalog_is_drawn_and_has_its_recipe():
+    from capstf import config
+    from capstf.catalog import DATA_SETS, data_set
+    from capstf.data.datasets import DRAWINGS
+    assert {d.examples for d in DATA_SETS.values()} | {data_set("tfds:mnist").examples} == set(DRAWINGS)
+    for d in DATA_SETS.values():
+        cfg = config.resolve(d.recipe, {"data.dataset": d.name})
+        assert (cfg.model.input_size, cfg.model.digits_per_image, cfg.model.channels, cfg.model.num_classes) == d.canvas
 
 
 def test_offline_tfds_fails_fast_naming_the_ways_out(monkeypatch, tmp_path):

@@ -11,6 +11,7 @@ from PIL import Image
 from conftest import differences_in_exported_files, model_from_checkpoint_files
 
 from capstf import config as config_lib
+from capstf.catalog import data_set
 from capstf.cli import main
 from capstf.data.datasets import make_dataset
 from capstf.data.inspect import viewable
@@ -36,7 +37,7 @@ def mock_tfds():
 
 
 def data_config(dataset, **settings):
-    cfg = config_lib.resolve(config_lib.recipe_for(dataset), {"data.dataset": dataset, **settings})
+    cfg = config_lib.resolve(data_set(dataset).recipe, {"data.dataset": dataset, **settings})
     return cfg.data
 
 
@@ -189,7 +190,7 @@ def test_a_colour_png_reaches_the_server_with_its_three_channels(tmp_path):
 
 
 def small(dataset, **overrides):
-    return config_lib.resolve(config_lib.recipe_for(dataset), {
+    return config_lib.resolve(data_set(dataset).recipe, {
         "data.dataset": dataset, "train.precision": "float32", "train.distribute": "one-device",
         "train.eval_examples": 0, **overrides}, runlocal=True)
 

@@ -22,7 +22,8 @@ from typing import Callable, Dict, NamedTuple
 import numpy as np
 import tensorflow as tf
 
-from capstf.config import DATASETS, Canvas, fit_model_to, is_tfds_name
+from capstf.catalog import Canvas, data_set
+from capstf.config import fit_model_to
 from capstf.data.sources import Examples
 from capstf.errors import CapstfError
 
@@ -30,12 +31,10 @@ NUM_CLASSES = 10
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-class Spec(NamedTuple):
-    """What defines a data set: its canvas and how one example's randomness is drawn."""
-    canvas: int  # 0: the size of the source images (tfds:NAME)
-    digits_per_image: int
+class Drawing(NamedTuple):
+    """How one kind of example (capstf.catalog's DataSet.examples) is made."""
     draw: Callable  # (digit, key, seed, index tables, cfg, train) -> dict of per-example params
-    render: Callable  # (batch of params, images tensor, cfg) -> batch dict
+    render: Callable  # (batch of params, images tensor, cfg, canvas) -> batch dict
 
 
 # ------------------------------------------------------------------------- geometry (batched)
@@ -148,7 +147,7 @@ def _shift(u, max_shift):
 
 
 def _draw_single(digit, key, seed, tables, cfg, train):
-    max_shift = cfg.max_shift if (train or cfg.dataset == "expanded-mnist") else 0
+    max_shift = cfg.max_shift if (train or data_set(cfg.dataset).shift_at_test) else 0
     u = _uniform(key, seed, 4)
     params = {"digit": digit, "dy": _shift(u[0], max_shift), "dx": _shift(u[1], max_shift)}
     if train and (cfg.train_max_rotation_deg > 0 or cfg.train_max_scale_change > 0):
@@ -251,34 +250,26 @@ def _render_crop(batch, images, cfg, canvas):
     return {"image": pixels, "label": batch["label"]}
 
 
-SPECS: Dict[str, Spec] = {name: Spec(DATASETS[name].size, DATASETS[name].digits_per_image, draw, render)
-                          for name, draw, render in [
-    ("mnist", _draw_single, _render_single),
-    ("multimnist", _draw_pair, _render_pair),
-    ("expanded-mnist", _draw_single, _render_single),
-    ("affnist", _draw_affine, _render_affine),
-    ("smallnorb", _draw_crop, _render_crop),
-    ("cifar10", _draw_crop, _render_crop),
-    ("svhn", _draw_crop, _render_crop),
-]}
-TFDS_SPEC = Spec(0, 1, _draw_crop, _render_crop)  # tfds:NAME: the whole image, padded and cropped
-
-
-def spec(name: str) -> Spec:
-    return TFDS_SPEC if is_tfds_name(name) else SPECS[name]
+DRAWINGS: Dict[str, Drawing] = {
+    "digit": Drawing(_draw_single, _render_single),
+    "pair": Drawing(_draw_pair, _render_pair),
+    "affine": Drawing(_draw_affine, _render_affine),
+    "crop": Drawing(_draw_crop, _render_crop),  # tfds:NAME: the whole image, padded and cropped
+}
 
 
 def input_canvas(cfg, examples: Examples) -> Canvas:
     """What the model sees of data set `cfg.dataset` made from `examples`: size, channels, classes."""
-    s = spec(cfg.dataset)
+    canvas = data_set(cfg.dataset).canvas
     channels = examples.images.shape[3] if examples.images.ndim == 4 else 1
-    return Canvas(s.canvas or examples.images.shape[1], s.digits_per_image, channels, examples.num_classes)
+    return Canvas(canvas.size if canvas else examples.images.shape[1], canvas.digits_per_image if canvas else 1,
+                  channels, examples.num_classes)
 
 
 def fit_model_to_data(cfg, examples: Examples):
     """A tfds:NAME data set's size, channels and classes are known once it is loaded: `cfg` (a
     whole Config) with the model config taking them from its training examples."""
-    if is_tfds_name(cfg.data.dataset):
+    if data_set(cfg.data.dataset).canvas is None:
         return dataclasses.replace(cfg, model=fit_model_to(cfg.model, input_canvas(cfg.data, examples)))
     return cfg
 
@@ -297,7 +288,7 @@ def _index_tables(labels: np.ndarray):
 def num_examples(cfg, examples: Examples, split: str) -> int:
     """Examples in one pass over a split (MultiMNIST test: digits x partners_per_digit)."""
     n = len(examples.labels)
-    if cfg.dataset == "multimnist" and split == "test":
+    if data_set(cfg.dataset).examples == "pair" and split == "test":
         return n * cfg.partners_per_digit
     return n
 
@@ -317,19 +308,21 @@ def make_dataset(cfg, examples: Examples, split: str, batch_size: int, seed: int
       pipeline_id, num_pipelines: this input pipeline takes every num_pipelines-th example.
       limit: if > 0, at most this many examples (test split).
     """
-    s = spec(cfg.dataset)
+    dataset = data_set(cfg.dataset)
     train = split == "train"
-    if cfg.dataset == "affnist" and examples.images.shape[1] == s.canvas:  # real affNIST, already warped: as is
-        s = s._replace(draw=_draw_single, render=_render_single)
-    canvas = s.canvas or examples.images.shape[1]
-    if canvas > examples.images.shape[1] + 2 * cfg.max_shift and s.render is _render_crop:
+    canvas = dataset.canvas.size if dataset.canvas else examples.images.shape[1]
+    pairs = dataset.examples == "pair"
+    drawing = DRAWINGS[dataset.examples]
+    if dataset.real_files and examples.images.shape[1] == canvas:  # real affNIST, already warped: as is
+        drawing = DRAWINGS["digit"]
+    if canvas > examples.images.shape[1] + 2 * cfg.max_shift and dataset.examples == "crop":
         raise CapstfError(f"{cfg.dataset}: its {examples.images.shape[1]}-pixel images cannot give "
                           f"{canvas}x{canvas} crops.")
     n = len(examples.labels)
     images = tf.constant(examples.images)
     tables = _index_tables(examples.labels)
     missing = np.flatnonzero(tables["class_count"].numpy() == 0)
-    if s.digits_per_image == 2 and missing.size:  # each digit's partner is drawn from another class
+    if pairs and missing.size:  # each digit's partner is drawn from another class
         raise CapstfError(f"MultiMNIST draws partners from every class, but the {split} digits hold no "
                           f"{', '.join(map(str, missing))}.")
     total = num_examples(cfg, examples, split)
@@ -344,13 +337,13 @@ def make_dataset(cfg, examples: Examples, split: str, batch_size: int, seed: int
             epoch, i = position // n, position % n
             digit = tf.random.experimental.index_shuffle(i, tf.stack([salt, epoch]), n - 1)
         else:
-            digit = position // cfg.partners_per_digit if s.digits_per_image == 2 else position
-        params = s.draw(tf.cast(digit, tf.int32), position, salt, tables, cfg, train)
+            digit = position // cfg.partners_per_digit if pairs else position
+        params = drawing.draw(tf.cast(digit, tf.int32), position, salt, tables, cfg, train)
         params["label"] = tf.gather(tables["labels"], params["digit"])
         return params
 
     def render(batch):
-        return s.render(batch, images, cfg, canvas)
+        return drawing.render(batch, images, cfg, canvas)
 
     return (positions.map(draw, num_parallel_calls=AUTOTUNE, deterministic=True)
             .batch(batch_size, drop_remainder=train, num_parallel_calls=AUTOTUNE, deterministic=True)

@@ -8,11 +8,12 @@ from capstf.files import write_atomically
 def write_examples(dataset, data_dir, split, count, seed, out, png=None) -> dict:
     """Generates `count` examples with the settings of the data set's recipe and saves them."""
     from capstf import config as config_lib
+    from capstf.catalog import data_set
     from capstf.data.datasets import make_dataset
     from capstf.data.sources import load_examples
     if count < 1:
         raise CapstfError("--count must be at least 1.")
-    cfg = config_lib.resolve(config_lib.recipe_for(dataset), {"data.dataset": dataset, "data.data_dir": data_dir})
+    cfg = config_lib.resolve(data_set(dataset).recipe, {"data.dataset": dataset, "data.data_dir": data_dir})
     examples = load_examples(cfg.data.data_dir, split, dataset)
     batch = next(iter(make_dataset(cfg.data, examples, split, count, seed, limit=count)))
     arrays = {k: v.numpy() for k, v in batch.items()}

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from capstf.config import TFDS_PREFIX, is_image_set
+from capstf.catalog import TFDS_PREFIX, TfdsImages, data_set
 from capstf.errors import CapstfError, RuntimeFailure, first_line
 
 SAMPLE_DIR = Path(__file__).parent / "sample"
@@ -32,19 +32,8 @@ class Examples(NamedTuple):
     num_classes: int = 10
 
 
-class TfdsImages(NamedTuple):
-    """Which features of a TFDS data set make capstf's examples."""
-    name: str                  # TFDS's name[/config]
-    image_features: Tuple[str, ...]  # stacked as channels (smallNORB's stereo pair: 2)
-    label_feature: str
-    resize_to: int = 0         # if > 0, resized (area averaging) to this height and width once, at load
 
 
-TFDS_FEATURES = {  # capstf data set -> its TFDS features; DATASETS says the crop the model sees
-    "smallnorb": TfdsImages("smallnorb", ("image", "image2"), "label_category", resize_to=48),
-    "cifar10": TfdsImages("cifar10", ("image",), "label"),
-    "svhn": TfdsImages("svhn_cropped", ("image",), "label"),  # the 73,257 training images, not "extra"
-}
 MNIST_ON_TFDS = TfdsImages("mnist", ("image",), "label")
 
 
@@ -68,7 +57,7 @@ def load_examples(data_dir: str, split: str, dataset: str = "mnist", validation_
                           "use --split train or test.")
     if split not in IDX_FILES:
         raise CapstfError(f"Unknown split {split!r}; use one of {sorted(IDX_FILES)}.")
-    if is_image_set(dataset):
+    if not data_set(dataset).digits:
         if data_dir == "sample":
             raise CapstfError(f"The bundled sample holds MNIST digits only, not {dataset}; use its TFDS "
                               "copy (no --data-dir) or --data-dir with a prepared TFDS data dir.")
@@ -80,7 +69,7 @@ def load_examples(data_dir: str, split: str, dataset: str = "mnist", validation_
     folder = SAMPLE_DIR if data_dir == "sample" else Path(data_dir)
     if not folder.is_dir():
         raise CapstfError(f"Data dir {str(folder)!r} does not exist. {OFFLINE_HINT}")
-    real_affnist = affnist_files(folder, split) if dataset == "affnist" else []
+    real_affnist = affnist_files(folder, split) if data_set(dataset).real_files else []
     if real_affnist:
         return load_affnist(real_affnist)
     images_name, labels_name = IDX_FILES[split]
@@ -180,8 +169,8 @@ def tfds_images(dataset: str, data_dir: str = "") -> TfdsImages:
     """The TFDS features behind a capstf data set: a fixed choice for smallnorb, cifar10 and
     svhn; for tfds:NAME[:CONFIG], its one image feature and its class label ("label" if
     several)."""
-    if dataset in TFDS_FEATURES:
-        return TFDS_FEATURES[dataset]
+    if data_set(dataset).tfds:
+        return data_set(dataset).tfds
     name = dataset[len(TFDS_PREFIX):].replace(":", "/")  # TFDS spells a config NAME/CONFIG
     tfds = _tfds()
     features = _builder(name, data_dir).info.features
