@@ -31,41 +31,42 @@ class DataConfig:
     max_shift: int = 2               # training shift per axis, in pixels (TFDS image sets: zero padding
                                      # per side before the random crop)
     random_flip: bool = False        # TFDS image sets, training: mirror left-right half the time
-    max_brightness_delta: float = 0.0  # ... add a brightness offset in [-this, this] (pixels in [0, 1])
-    max_contrast_change: float = 0.0   # ... scale each channel's contrast by 1 +- up to this
-    train_max_rotation_deg: float = 0.0  # mnist, expanded-mnist training: also rotate by up to this
-    train_max_scale_change: float = 0.0  # ... and scale by 1 +- up to this (0, 0: shifts only)
-    train_rotate_scale_epochs: float = 0.0  # ... only in the first this many epochs (0: all)
+    max_brightness_delta: float = 0.0  # TFDS image sets, training: add a brightness offset in [-this, this]
+    max_contrast_change: float = 0.0   # TFDS image sets, training: scale each channel's contrast by 1 +- this
+    train_max_rotation_deg: float = 0.0  # single-digit sets, training: also rotate by up to this
+    train_max_scale_change: float = 0.0  # single-digit sets, training: also scale by 1 +- up to this
+    train_rotate_scale_epochs: float = 0.0  # rotate and scale only in the first this many epochs (0: all)
     partners_per_digit: int = 1000   # MultiMNIST test set size = test digits x this
-    max_rotation_deg: float = 20.0   # affNIST-style test transforms
-    max_shear: float = 0.2
-    min_scale: float = 0.8
-    max_scale: float = 1.2
+    max_rotation_deg: float = 20.0   # affNIST-style test set: rotation in degrees, +-
+    max_shear: float = 0.2           # affNIST-style test set: shear, +-
+    min_scale: float = 0.8           # affNIST-style test set: scale per axis, from
+    max_scale: float = 1.2           # affNIST-style test set: scale per axis, up to
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    kind: str = "capsnet"            # capsnet | baseline (the paper's CNN) | cnn-two-pools (the authors')
-                                     # | cnn-no-pooling (capstf.model.baseline)
+    kind: str = "capsnet"            # capsnet, the paper's baseline CNN, the authors' CNN (cnn-two-pools)
+                                     # or a CNN without pooling (capstf.model.baseline)
     input_size: int = 28             # set from the data set's canvas
-    channels: int = 1
-    num_classes: int = 10
+    channels: int = 1                # set from the data set
+    num_classes: int = 10            # set from the data set
     digits_per_image: int = 1        # set from the data set (MultiMNIST: 2)
-    conv1_filters: int = 256
-    primary_caps_types: int = 32
-    primary_caps_dim: int = 8
-    digit_caps_dim: int = 16
-    routing_iters: int = 3
-    routing_gradients: str = "all"   # all (Procedure 1) | final (agreement updates see u_hat as constant)
+    conv1_filters: int = 256         # Conv1's channels (9x9, stride 1)
+    primary_caps_types: int = 32     # PrimaryCaps' capsule types (9x9 convolution, stride 2)
+    primary_caps_dim: int = 8        # PrimaryCaps' capsule size
+    digit_caps_dim: int = 16         # DigitCaps' capsule size (one capsule per class)
+    routing_iters: int = 3           # routing-by-agreement iterations
+    routing_gradients: str = "all"   # all: through every iteration (Procedure 1); final: the agreement
+                                     # updates see u_hat as constant
     routing_none_of_the_above: bool = False  # an extra routing parent fixed at logit 0 (the paper's CIFAR10)
-    decoder: bool = True
-    reconstruction_weight: float = 0.0005
+    decoder: bool = True             # the reconstruction decoder and its loss
+    reconstruction_weight: float = 0.0005  # the reconstruction loss' weight beside the margin loss
     # Where the authors' code (Sarasra/models, research/capsules) differs from the paper's text:
     margin_loss_scale: float = 1.0   # x Eq. 4 summed over classes; their layers.py `_margin_loss`
                                      # halves the mean over classes: 0.5 / 10 = 0.05
     capsule_biases: bool = False     # their layers.py: a bias on DigitCaps' s_j, and PrimaryCaps as
                                      # one routing iteration from one input (conv / types + bias)
-    decoder_init: str = "glorot-uniform"  # | truncated-normal-0.1 (their variables.py, biases 0.1)
+    decoder_init: str = "glorot-uniform"  # Keras' default, or their variables.py's (stddev 0.1, biases 0.1)
     baseline_pool: bool = False      # baseline CNN: 2x2 max-pooling after its first two convolutions
     baseline_hidden: int = 328       # baseline CNN: width of its first hidden layer (the paper's 328)
 
@@ -73,20 +74,22 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     batch_size: int = 128            # global, over all replicas
-    epochs: float = 10.0
+    epochs: float = 10.0             # passes over the training examples
     steps: int = 0                   # if > 0, overrides epochs
-    learning_rate: float = 1e-3
-    schedule: str = "exponential"    # exponential | cosine (from learning_rate to 0 over the run)
+    learning_rate: float = 1e-3      # Adam's (peak) learning rate
+    schedule: str = "exponential"    # exponential decay, or cosine from learning_rate to 0 over the run
     decay_rate: float = 0.96         # exponential decay: lr * decay_rate ** (step / decay_steps)
-    decay_steps: int = 2000
-    seed: int = 0
-    jit: str = "auto"                # routing (capsule layers) | step | off | auto (fastest measured per device)
-    precision: str = "auto"          # float32 | mixed_bfloat16 | mixed_float16 | auto
-    distribute: str = "auto"         # auto | mirrored | multi-worker | one-device
-    checkpoint_every: int = 500      # steps
-    keep_checkpoints: int = 3
-    log_every: int = 50              # steps between TensorBoard scalars
-    eval_examples: int = 0           # test examples scored after each epoch (0: none)
+    decay_steps: int = 2000          # exponential decay's steps (not staircase)
+    seed: int = 0                    # initial weights and the order and randomness of the examples
+    jit: str = "auto"                # what XLA compiles: the capsule layers, the whole step, nothing, or
+                                     # auto (fastest measured per device)
+    precision: str = "auto"          # the convolutions' precision; auto: fastest measured per device
+    distribute: str = "auto"         # tf.distribute strategy; auto: multi-worker under TF_CONFIG, mirrored
+                                     # over several GPUs, else one device
+    checkpoint_every: int = 500      # steps between checkpoints
+    keep_checkpoints: int = 3        # the newest this many are kept
+    log_every: int = 50              # steps between TensorBoard scalars (and, without a terminal, log lines)
+    eval_examples: int = 0           # test (or held-out) examples scored after each epoch (0: none)
     steps_per_call: int = 0          # training steps per compiled call; 0: auto (measured per device)
     data_service: str = ""           # grpc://HOST:PORT: generate on tf.data service workers; "": here
 

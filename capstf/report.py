@@ -2,30 +2,37 @@
 
 A page asks for a generated part with a pair of marker lines; what lies between them is rewritten:
 
-    <!-- report runs NAME: GLOB -->
-    <!-- end report -->
+    <!-- report runs NAME: GLOB -->         or    <!-- report settings -->
+    <!-- end report -->                           <!-- end report -->
 
-GLOB (from the checkout's root, e.g. results/mnist-cosine/validation-*.json) names run records
+`settings` is the reference of every setting (capstf.config's dataclasses): its default, the
+values it takes and the comment beside it in the source. For `runs`, GLOB (from the checkout's root, e.g. results/mnist-cosine/validation-*.json) names run records
 (capstf.records). In their place come the runs' curves, drawn to docs/plots/NAME.png, and a table:
 each run's final accuracy and errors, its settings, seed, hardware, length and training time, and
 a link to its record. What every run shares (recipe, settings, what it was scored on) is said
 once above the table. A figure in the docs is then a record's, never one typed by hand: add or
 correct a record and run `capstf report`; with nothing new it changes no file.
 """
+import dataclasses
+import inspect
+import io
+import json
 import os
 import re
 import statistics
+import tokenize
 from pathlib import Path
 from typing import Dict, List
 
+from capstf import config as config_lib
 from capstf.errors import CapstfError
 from capstf.files import write_atomically
 from capstf.records import curves_png, duration, read_run_record
 
 PAGES = ("README.md", "docs/*.md")
 PLOTS = "docs/plots"
-BLOCK = re.compile(r"^<!-- report runs (?P<name>[a-z0-9-]+): (?P<glob>\S+) -->\n.*?^<!-- end report -->$",
-                   re.DOTALL | re.MULTILINE)
+BLOCK = re.compile(r"^<!-- report (?:runs (?P<name>[a-z0-9-]+): (?P<glob>\S+)|(?P<settings>settings)) -->\n"
+                   r".*?^<!-- end report -->$", re.DOTALL | re.MULTILINE)
 OPENING = re.compile(r"^<!-- report\b.*$", re.MULTILINE)
 
 
@@ -40,7 +47,8 @@ def write_report(root=".", check=False) -> List[str]:
     for page in sorted({p for pattern in PAGES for p in root.glob(pattern)}):
         text = page.read_text()
         _check_markers(page, text)
-        outputs[page] = BLOCK.sub(lambda block: _runs_block(root, page, block, outputs), text).encode()
+        outputs[page] = BLOCK.sub(lambda block: _settings_block(block) if block["settings"]
+                                  else _runs_block(root, page, block, outputs), text).encode()
     changed = [path for path, data in outputs.items() if not path.is_file() or path.read_bytes() != data]
     if not check:
         for path in changed:
@@ -56,7 +64,8 @@ def _check_markers(page: Path, text: str):
     for opening in OPENING.finditer(text):
         if opening.start() not in well_formed:
             line = text.count("\n", 0, opening.start()) + 1
-            raise CapstfError(f"{page}:{line}: expected '<!-- report runs NAME: GLOB -->' and, on a later "
+            raise CapstfError(f"{page}:{line}: expected '<!-- report runs NAME: GLOB -->' or '<!-- report "
+                              f"settings -->' and, on a later "
                               f"line, '<!-- end report -->'; found {opening.group()!r}.")
 
 
@@ -112,6 +121,47 @@ def _seeds_summary(records: List[dict], settings: List[dict], shared: dict) -> L
     return ["", f"Over the {len(runs)} runs with no setting of their own (seeds {seeds}): accuracy "
                 f"**{statistics.mean(finals):.2f} +- {statistics.stdev(finals):.2f}%**, error "
                 f"{100 - statistics.mean(finals):.2f} +- {statistics.stdev(finals):.2f}% (standard deviation over runs, n-1)."]
+
+
+def _settings_block(block: re.Match) -> str:
+    lines = [block.group().splitlines()[0], ""]
+    for section, cls in (("data", config_lib.DataConfig), ("model", config_lib.ModelConfig),
+                         ("train", config_lib.TrainConfig)):
+        comments = field_comments(cls)
+        lines += [f"| `[{section}]` setting | default | values | what it is |", "| --- | --- | --- | --- |"]
+        for field in dataclasses.fields(cls):
+            key = f"{section}.{field.name}"
+            what = comments.get(field.name, "").replace("|", "\\|")  # a table cell's own bars
+            lines.append(f"| `{key}` | `{json.dumps(field.default)}` | {_values(key, field.type)} | {what} |")
+        lines.append("")
+    return "\n".join(lines + ["<!-- end report -->"])
+
+
+def _values(key: str, kind) -> str:
+    """What `key` accepts, as capstf.config.validate checks it."""
+    if key in config_lib.CHOICES:
+        return ", ".join(f"`{choice}`" for choice in config_lib.CHOICES[key])
+    ranges = {**dict.fromkeys(config_lib.AT_LEAST_1, " >= 1"), **dict.fromkeys(config_lib.AT_LEAST_0, " >= 0"),
+              **dict.fromkeys(config_lib.FROM_0_BELOW_1, " in [0, 1)")}
+    return config_lib.TYPE_NAMES[kind] + ranges.get(key, "")
+
+
+def field_comments(cls) -> Dict[str, str]:
+    """{field: the comment beside it in cls's source}, with the comment lines aligned below it."""
+    source = inspect.getsource(cls)
+    comments, field, column = {}, None, None
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.NAME and token.start[1] == 4 and token.line.strip().split(":")[0] == token.string:
+            field, column = token.string, None  # a field's line begins (4 spaces in, "name: type = ...")
+        elif token.type == tokenize.COMMENT and field:
+            starts_line = token.line[:token.start[1]].strip() == ""
+            if not starts_line and column is None:
+                comments[field], column = token.string[1:].strip(), token.start[1]
+            elif starts_line and token.start[1] == column:  # its comment, continued
+                comments[field] += " " + token.string[1:].strip()
+            else:  # a comment of its own, before the next fields
+                field = None
+    return comments
 
 
 def _link(page: Path, target: Path) -> str:

@@ -135,6 +135,19 @@ def test_a_record_that_is_not_a_run_record_is_named(checkout):
         write_report(checkout)
 
 
+def test_the_settings_reference_lists_every_setting_with_its_default_values_and_comment(checkout):
+    (checkout / "docs" / "config.md").write_text("# Settings\n\n<!-- report settings -->\n<!-- end report -->\n")
+    write_report(checkout)
+    text = (checkout / "docs" / "config.md").read_text()
+    assert "| `train.batch_size` | `128` | an integer >= 1 | global, over all replicas |" in text
+    assert ("| `model.routing_gradients` | `\"all\"` | `all`, `final` | all: through every iteration (Procedure 1); "
+            "final: the agreement updates see u_hat as constant |") in text  # a comment's continued lines joined
+    assert "| `data.max_contrast_change` | `0.0` | a number in [0, 1) |" in text
+    assert "| `model.decoder` | `true` | true or false |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| `") and "." in line.split("|")[1]]
+    assert len(rows) == 15 + 19 + 17  # data, model and train settings, each once
+
+
 def test_capstf_report_check_exits_1_while_a_part_is_out_of_date_and_bad_roots_get_one_line(checkout, tmp_path):
     stale = CliRunner().invoke(main, ["report", "--root", str(checkout), "--check"])
     assert stale.exit_code == 1
