@@ -313,17 +313,18 @@ def serve(export_dir, host, port, tls_cert, tls_key, max_concurrent_rpcs, max_me
     \b
     Example: capstf serve --export-dir exports --port 8500
     """
+    from capstf.serving.models import serving_line
     from capstf.serving.server import start_server
     limits = Limits(max_concurrent_rpcs, int(max_message_mb * 2**20), max_images)
     rest = None if no_rest or tls_cert else rest_port  # REST would be plain HTTP beside TLS gRPC
     server, bound, servables = start_server(export_dir, host, port, limits=limits, tls_cert=tls_cert, tls_key=tls_key,
                                             poll_seconds=poll_seconds, rest_port=rest,
                                             log=lambda message: click.echo(message) or sys.stdout.flush())
-    apis = f"gRPC on {host}:{bound}{' over TLS' if tls_cert else ''}" + \
-        (f", REST on {host}:{server.rest_port}" if server.rest_port else "") + ("" if tls_cert else ", in the clear")
+    click.echo(f"capstf: listening: gRPC on {host}:{bound}{' over TLS' if tls_cert else ''}"
+               + (f", REST on {host}:{server.rest_port}" if server.rest_port else "")
+               + ("" if tls_cert else ", in the clear, unauthenticated"))
     for name, servable in servables:
-        click.echo(f"serving {name} version {servable.version} ({apis}; "
-                   f"{servable.warmup_requests} warm-up requests replayed)")
+        click.echo(serving_line(name, servable))
     sys.stdout.flush()
     server.wait_for_termination()
 

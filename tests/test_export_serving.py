@@ -3,6 +3,7 @@ ONNX outputs, and exercise the gRPC client against `capstf serve` on loopback.""
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -347,6 +348,25 @@ def test_a_version_exported_while_serving_is_picked_up_and_no_request_fails(expo
     expected = answers[0][1]  # both versions are the same checkpoint: the same answer
     assert all(np.allclose(probabilities, expected, atol=1e-6) for _, probabilities in answers)
     assert loaded == ["serving capsnet version 2 (2 warm-up requests replayed)"]
+
+
+def test_capstf_serve_says_where_it_listens_then_each_version_as_the_watcher_does(exported, server):
+    root, _, _ = exported
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    serve = subprocess.Popen([sys.executable, "-m", "capstf.cli", "serve", "--export-dir", str(root / "served"),
+                              "--port", str(ports[0]), "--rest-port", str(ports[1])],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = [serve.stdout.readline().strip() for _ in range(2)]
+    finally:
+        serve.kill()
+        serve.wait()
+    assert lines == [f"capstf: listening: gRPC on 127.0.0.1:{ports[0]}, REST on 127.0.0.1:{ports[1]}, in the clear, "
+                     "unauthenticated", "serving capsnet version 1 (2 warm-up requests replayed)"]
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,13 @@ class VersionWatcher(threading.Thread):
                 continue
             # One assignment: each request reads the old mapping or the new one, never a mix.
             self.models.servables = {**self.models.servables, name: servable}
-            self.log(f"serving {name} version {version} ({servable.warmup_requests} warm-up requests replayed)")
+            self.log(serving_line(name, servable))
+
+
+def serving_line(name: str, servable) -> str:
+    """The line `capstf serve` prints for each version it serves, at start-up and when the
+    watcher loads a new one."""
+    return f"serving {name} version {servable.version} ({servable.warmup_requests} warm-up requests replayed)"
 
 
 class RequestError(Exception):
