@@ -1,6 +1,8 @@
 """capstf.layers and capstf.losses in people's own Keras models."""
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -38,6 +40,25 @@ def test_a_functional_capsnet_learns_with_compile_and_fit(train_digits):
                         shuffle=True, verbose=0)
     losses = history.history["loss"]
     assert losses[-1] < 0.6 * losses[0]
+
+
+def test_the_layers_pages_example_trains_and_its_model_draws_the_longest_capsule(train_digits):
+    page = (Path(__file__).resolve().parents[1] / "docs" / "layers.md").read_text()
+    code = textwrap.dedent(page.split("<!-- example: layers -->\n")[1].split("<!-- end example -->")[0])
+    keras.utils.set_random_seed(0)
+    x, y = train_digits.images[::78, ..., None].astype("float32") / 255, train_digits.labels[::78]  # 65, every class
+    scope = {"x": x, "y": y}
+    exec(code.replace("epochs=10", "epochs=1"), scope)
+    assert {"loss", "lengths_loss", "reconstruction_loss"} <= set(scope["history"].history)
+    scores, drawn = scope["scores"], scope["drawn"]
+    assert scores.shape == (8, 10) and drawn.shape == (8, 28, 28, 1)
+    # The kept model's decoder drew each digit from its longest capsule, recomputed here by hand.
+    capsules = keras.Model(scope["images"], scope["capsules"]).predict(x[:8], verbose=0)  # [8, 10, 16]
+    longest = np.argmax(np.linalg.norm(capsules, axis=-1), axis=1)
+    masked = np.zeros_like(capsules)
+    masked[np.arange(8), longest] = capsules[np.arange(8), longest]
+    np.testing.assert_allclose(drawn, scope["decoder"].predict(masked.reshape(8, -1), verbose=0), atol=1e-5)
+    np.testing.assert_allclose(scores, np.sqrt(np.sum(capsules ** 2, axis=-1) + 1e-7), rtol=1e-5)
 
 
 def test_sequential_model_with_capsule_layers_gives_class_lengths():
