@@ -11,7 +11,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
-from capstf.catalog import IMAGE_SETS, TFDS_PREFIX, Canvas, data_set
+from capstf.catalog import DATA_SETS, IMAGE_SETS, TFDS_PREFIX, Canvas, data_set
 from capstf.errors import CapstfError
 from capstf.files import read_json, write_json
 
@@ -276,8 +276,8 @@ def validate(cfg: Config) -> Config:
     if train.steps < 0 or train.epochs < 0 or (train.steps == 0 and train.epochs == 0):
         raise CapstfError("Train for a positive number of --steps or --epochs.")
     if (data.train_max_rotation_deg or data.train_max_scale_change) and dataset.examples != "digit":
-        raise CapstfError("Training rotation and scaling are for data sets of single digits (mnist, "
-                          f"expanded-mnist), not {dataset.name}.")
+        single_digits = [name for name, d in DATA_SETS.items() if d.examples == "digit"]
+        raise CapstfError(f"Training rotation and scaling are for --dataset {' and '.join(single_digits)} only.")
     if (data.random_flip or data.max_brightness_delta or data.max_contrast_change) and dataset.digits:
         raise CapstfError("data.random_flip, data.max_brightness_delta and data.max_contrast_change are for "
                           f"the TFDS image data sets ({', '.join(IMAGE_SETS)}, {TFDS_PREFIX}NAME).")
