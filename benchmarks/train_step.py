@@ -25,6 +25,7 @@ Absolute times drift 2-3x on shared machines, so where ../shared/bench/reference
 ratios to it (best to best, median to median).
 """
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -73,8 +74,7 @@ def timed(fn, steps, warmup=2):
 def model_config(name, routing_gradients="all"):
     """"28" -> the MNIST model on 28x28 inputs; "cifar10" -> recipe cifar10's model."""
     model = ModelConfig(input_size=int(name)) if name.isdigit() else config_lib.resolve(name).model
-    model.routing_gradients = routing_gradients
-    return model
+    return dataclasses.replace(model, routing_gradients=routing_gradients)
 
 
 def setup(model_cfg, jit, precision, batch, forward_conv_gradients=True):
